@@ -1,0 +1,79 @@
+# driftloop: `make demo` runs the main job, `make test` runs the tests. Both set themselves up.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+UV     := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+# Every Airflow/MLflow-facing command runs with the same derived settings (SQLite by default,
+# PostgreSQL databases on the DATABASE_URL server when it is set).
+STACK  := eval "$$($(PY) scripts/stack_env.py)" && export PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
+PYTEST_ARGS ?=
+
+.PHONY: help setup venv data airflow-db demo test test-fast lint dvc-repro airflow-ui mlflow-ui \
+        services-start services-stop bench-serve clean
+
+help: ## Show this help
+	@echo "driftloop: an Airflow-orchestrated MLOps loop for a tweet sentiment classifier"
+	@echo
+	@echo "  make demo    run the main job (sets everything up on first use)"
+	@echo "  make test    run the tests (installs PostgreSQL/Redis from Debian if missing)"
+	@echo
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
+	  awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
+
+$(VENV)/.synced: pyproject.toml uv.lock
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || \
+	  python3 -m pip install --quiet uv
+	$(UV) sync --frozen
+	@touch $@
+
+venv: $(VENV)/.synced ## Create/refresh the Python environment from uv.lock
+
+data/tweets.tsv data/val.tsv &: $(VENV)/.synced data/tweets.tsv.dvc data/val.tsv.dvc
+	$(VENV)/bin/dvc pull --quiet data/tweets.tsv.dvc data/val.tsv.dvc
+	@touch data/tweets.tsv data/val.tsv
+
+data: data/tweets.tsv data/val.tsv ## Fetch the data from the DVC remote (../shared/dvc-store)
+
+airflow-db: $(VENV)/.synced ## Create/upgrade Airflow's metadata database
+	@$(STACK) && airflow db migrate > "$${DRIFTLOOP_HOME}/airflow-db-migrate.log" 2>&1 || \
+	  { tail -20 "$${DRIFTLOOP_HOME}/airflow-db-migrate.log"; exit 1; }
+
+setup: venv data airflow-db ## Everything demo needs: environment, data, Airflow metadata
+
+demo: setup ## Run train_model on a real Airflow scheduler, then print the champion
+	@$(STACK) && $(PY) scripts/demo.py
+
+# Tests build their own isolated state (tmp folders, fresh databases); only PATH is shared.
+TESTENV := export PATH="$(CURDIR)/$(VENV)/bin:$$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+test: venv data ## Run the whole test suite (real PostgreSQL and Redis on loopback)
+	@$(TESTENV) && $(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv data ## Unit tests only (no servers, no Airflow runs)
+	@$(TESTENV) && $(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+lint: venv ## ruff and mypy
+	$(VENV)/bin/ruff check ml dags tests scripts benchmarks bentos monitoring
+	$(VENV)/bin/ruff format --check ml dags
+	$(VENV)/bin/mypy
+
+dvc-repro: setup ## Reproduce prepare -> validate -> train -> evaluate from git + DVC alone
+	@$(STACK) && dvc repro
+
+airflow-ui: setup ## Airflow UI and scheduler on http://localhost:8080 (Ctrl-C stops)
+	@$(STACK) && airflow standalone
+
+mlflow-ui: venv ## MLflow UI on http://localhost:5000 over driftloop's tracking store
+	@$(STACK) && mlflow ui --backend-store-uri "$$MLFLOW_TRACKING_URI" --port 5000
+
+services-start: ## Start PostgreSQL and Redis on loopback (installs them if missing)
+	bash scripts/services.sh install && bash scripts/services.sh start && bash scripts/services.sh env
+
+services-stop: ## Stop the loopback PostgreSQL and Redis
+	bash scripts/services.sh stop
+
+clean: ## Remove driftloop's local state (.driftloop/): models, runs, Airflow metadata
+	rm -rf .driftloop

@@ -1,0 +1,1 @@
+"""driftloop: the library. Knows nothing of Airflow or BentoML."""

@@ -1,0 +1,149 @@
+"""Reading labelled tweet tables and carving the training batch out of them.
+
+Tables are TSV (or CSV by extension) with at least ``label`` and ``text`` columns;
+``tweets.tsv`` also has ``id`` and ``source`` (the SemEval release, a time axis).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ml.params import LABELS, DataParams, TrainParams
+
+
+KNOWN_COLUMNS = frozenset({"id", "source", "label", "text"})
+
+
+class DataError(ValueError):
+    """A table could not be read as a labelled batch (not a table, wrong encoding, ...)."""
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a TSV/CSV table with every column as text; raise :class:`DataError` if unreadable.
+
+    ``keep_default_na=False`` matters: some tweets are literally the text "NA".
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    sep = "," if path.suffix.lower() == ".csv" else "\t"
+    try:
+        df = pd.read_csv(
+            path,
+            sep=sep,
+            dtype=str,
+            keep_default_na=False,
+            quoting=csv.QUOTE_MINIMAL,
+            encoding="utf-8",
+        )
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "empty file"
+        raise DataError(f"{path}: not a readable table ({first})") from exc
+    # One column is still a table when its header is one of ours (a batch missing a column,
+    # which validation then names); anything else with one column is prose, not a table.
+    if df.shape[1] < 2 and not set(df.columns) & KNOWN_COLUMNS:
+        raise DataError(
+            f"{path}: not a table: found {df.shape[1]} column(s); expected tab-separated columns "
+            "with a header row such as 'label<TAB>text'"
+        )
+    return df
+
+
+def file_md5(path: str | Path) -> str:
+    """MD5 of a file's bytes, the hash DVC 3 records for it."""
+    digest = hashlib.md5()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dvc_hash(path: str | Path) -> str | None:
+    """The md5 recorded in ``<path>.dvc`` if the file is DVC-tracked, else None."""
+    pointer = Path(f"{path}.dvc")
+    if not pointer.is_file():
+        return None
+    import yaml
+
+    outs = (yaml.safe_load(pointer.read_text()) or {}).get("outs") or []
+    return outs[0].get("md5") if outs else None
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """The training batch written by :func:`prepare_training_batch`."""
+
+    path: str
+    rows: int
+    class_counts: dict[str, int]
+    sources: list[str]
+    inputs: dict[str, str]  # input file -> md5, for lineage
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+
+def select_training_rows(
+    tweets: pd.DataFrame,
+    data: DataParams,
+    max_examples: int,
+    seed: int,
+    extra: list[pd.DataFrame] | None = None,
+) -> pd.DataFrame:
+    """Rows of the training sources (plus any extra labelled batches), stratified-sampled.
+
+    Extra batches (e.g. labelled production windows) are always kept whole; the remaining budget
+    is filled from the base training sources, keeping their class proportions.
+    """
+    base = tweets[tweets["source"].isin(data.train_sources)] if data.train_sources else tweets
+    base = base[["label", "text"]]
+    extras = pd.concat([e[["label", "text"]] for e in extra], ignore_index=True) if extra else None
+    budget = max_examples - (len(extras) if extras is not None else 0)
+    if 0 < budget < len(base):
+        base = base.groupby("label").sample(frac=budget / len(base), random_state=seed)
+    elif budget <= 0:
+        base = base.iloc[0:0]
+    frames = [base] + ([extras] if extras is not None else [])
+    out = pd.concat(frames, ignore_index=True).drop_duplicates(subset=["text"])
+    return out.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+
+
+def prepare_training_batch(
+    tweets_path: str | Path,
+    out_path: str | Path,
+    data: DataParams,
+    train: TrainParams,
+    extra_paths: list[str] | None = None,
+    max_examples: int | None = None,
+) -> PreparedBatch:
+    """Write the training batch (``label``, ``text``) to ``out_path`` and describe it."""
+    tweets = read_table(tweets_path)
+    extra = [read_table(p) for p in (extra_paths or [])]
+    limit = max_examples if max_examples is not None else train.max_examples
+    rows = select_training_rows(tweets, data, limit, data.seed, extra)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows.to_csv(out, sep="\t", index=False)
+    inputs = {str(tweets_path): dvc_hash(tweets_path) or file_md5(tweets_path)}
+    inputs.update({str(p): dvc_hash(p) or file_md5(p) for p in (extra_paths or [])})
+    counts = {label: int((rows["label"] == label).sum()) for label in LABELS}
+    return PreparedBatch(
+        path=str(out),
+        rows=len(rows),
+        class_counts=counts,
+        sources=list(data.train_sources),
+        inputs=inputs,
+    )
+
+
+def drift_rows(tweets: pd.DataFrame, data: DataParams) -> pd.DataFrame:
+    """The tweets kept back from training for the drift scenario (the 2016 releases)."""
+    return tweets[tweets["source"].isin(data.drift_sources)].reset_index(drop=True)

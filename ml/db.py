@@ -1,0 +1,78 @@
+"""driftloop's own tables in ``DATABASE_URL`` (SQLite by default, PostgreSQL when set).
+
+The schema is plain SQLAlchemy Core so that SQLite and PostgreSQL behave the same; tables are
+created on first use, never on import.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+metadata = sa.MetaData()
+
+# Every move of a registry alias, by whom, when, from which version to which, and why.
+alias_audit = sa.Table(
+    "alias_audit",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("model_name", sa.String(200), nullable=False),
+    sa.Column("alias", sa.String(64), nullable=False),
+    sa.Column("from_version", sa.String(32), nullable=True),
+    sa.Column("to_version", sa.String(32), nullable=True),
+    sa.Column("actor", sa.String(200), nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("evidence", sa.JSON, nullable=True),
+)
+
+
+def normalise_url(url: str) -> str:
+    """Give SQLAlchemy an explicit driver for PostgreSQL URLs (``postgres://`` is common)."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg2://" + url[len("postgresql://") :]
+    return url
+
+
+@lru_cache(maxsize=8)
+def get_engine(url: str) -> Engine:
+    """One engine per URL per process, with the tables created if missing."""
+    url = normalise_url(url)
+    kwargs: dict[str, object] = {"pool_pre_ping": True, "future": True}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"timeout": 30}
+    engine = sa.create_engine(url, **kwargs)
+    metadata.create_all(engine)
+    return engine
+
+# Every prediction the service made (issue 3); the drift and quality reports read it. The request
+# id is the primary key, so a batch written twice after an outage inserts nothing new.
+predictions = sa.Table(
+    "predictions",
+    metadata,
+    sa.Column("request_id", sa.String(64), primary_key=True),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("model_name", sa.String(200), nullable=False),
+    sa.Column("model_version", sa.String(32), nullable=False, index=True),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("label", sa.String(16), nullable=False),
+    sa.Column("score_negative", sa.Float, nullable=False),
+    sa.Column("score_neutral", sa.Float, nullable=False),
+    sa.Column("score_positive", sa.Float, nullable=False),
+    sa.Column("latency_ms", sa.Float, nullable=False),
+    sa.Column("cached", sa.Boolean, nullable=False, default=False),
+)
+
+# The true label a client reported for a logged prediction (one per request id; the latest wins).
+feedback = sa.Table(
+    "feedback",
+    metadata,
+    sa.Column("request_id", sa.String(64), primary_key=True),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("label", sa.String(16), nullable=False),
+)

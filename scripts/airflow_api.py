@@ -1,0 +1,168 @@
+"""A small client for Airflow 3's REST API (``/api/v2``) plus a process wrapper for a local stack.
+
+Used by ``make demo`` and by the integration tests: they drive a real scheduler the way a user
+or another system would, through the API server, not by importing Airflow internals.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+TERMINAL = {"success", "failed"}
+
+
+class AirflowAPI:
+    """Trigger DAG runs and follow them through the REST API."""
+
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def login(self, username: str | None = None, password: str | None = None) -> None:
+        """Fetch a JWT: with credentials, or the all-admins token of a local stack."""
+        if username:
+            resp = self.http.post("/auth/token", json={"username": username, "password": password})
+        else:
+            resp = self.http.get("/auth/token")
+        resp.raise_for_status()
+        self.http.headers["Authorization"] = f"Bearer {resp.json()['access_token']}"
+
+    def healthy(self) -> bool:
+        try:
+            resp = self.http.get("/api/v2/monitor/health")
+        except httpx.HTTPError:
+            return False
+        if resp.status_code != 200:
+            return False
+        body = resp.json()
+        return body.get("scheduler", {}).get("status") == "healthy"
+
+    def wait_healthy(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.healthy():
+                return
+            time.sleep(2)
+        raise TimeoutError(f"Airflow at {self.base_url} not healthy after {timeout:.0f}s")
+
+    def wait_dag(self, dag_id: str, timeout: float = 180.0) -> dict[str, Any]:
+        """Wait until the DAG processor has parsed ``dag_id``; unpause it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                resp = self.http.get(f"/api/v2/dags/{dag_id}")
+            except httpx.HTTPError:
+                resp = None
+            if resp is not None and resp.status_code == 200:
+                if resp.json().get("is_paused"):
+                    self.http.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False})
+                return dict(resp.json())
+            time.sleep(2)
+        raise TimeoutError(f"DAG {dag_id} was not parsed within {timeout:.0f}s")
+
+    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
+        resp = self.http.post(
+            f"/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf or {}}
+        )
+        resp.raise_for_status()
+        return str(resp.json()["dag_run_id"])
+
+    def run(self, dag_id: str, run_id: str) -> dict[str, Any]:
+        resp = self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
+        resp.raise_for_status()
+        return dict(resp.json())
+
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
+        resp = self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
+        resp.raise_for_status()
+        return {ti["task_id"]: ti["state"] for ti in resp.json()["task_instances"]}
+
+    def list_runs(self, dag_id: str) -> list[dict[str, Any]]:
+        resp = self.http.get(f"/api/v2/dags/{dag_id}/dagRuns", params={"order_by": "-start_date"})
+        resp.raise_for_status()
+        return list(resp.json()["dag_runs"])
+
+    def wait_run(
+        self,
+        dag_id: str,
+        run_id: str,
+        timeout: float = 3600.0,
+        on_change: Callable[[dict[str, str | None]], None] | None = None,
+        poll: float = 3.0,
+    ) -> str:
+        """Poll until the run ends; call ``on_change`` whenever a task changes state."""
+        deadline = time.monotonic() + timeout
+        last: dict[str, str | None] = {}
+        while time.monotonic() < deadline:
+            states = self.task_states(dag_id, run_id)
+            if states != last and on_change is not None:
+                on_change(states)
+            last = states
+            state = self.run(dag_id, run_id)["state"]
+            if state in TERMINAL:
+                return str(state)
+            time.sleep(poll)
+        raise TimeoutError(f"{dag_id} run {run_id} did not finish within {timeout:.0f}s")
+
+
+def print_progress(dag_id: str) -> Callable[[dict[str, str | None]], None]:
+    """An ``on_change`` callback that prints one line per task state change."""
+    seen: dict[str, str | None] = {}
+    start = time.monotonic()
+
+    def show(states: dict[str, str | None]) -> None:
+        for task_id, state in states.items():
+            if seen.get(task_id) != state and state is not None:
+                elapsed = time.monotonic() - start
+                sys.stderr.write(f"  [{elapsed:6.0f}s] {dag_id}.{task_id}: {state}\n")
+                sys.stderr.flush()
+                seen[task_id] = state
+
+    return show
+
+
+class LocalAirflow:
+    """``airflow standalone`` (API server, scheduler, DAG processor, triggerer) in the background."""
+
+    def __init__(self, log_path: Path, port: int = 8080, env: dict[str, str] | None = None):
+        self.log_path = log_path
+        self.port = port
+        self.env = {**os.environ, **(env or {}), "AIRFLOW__API__PORT": str(port)}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> AirflowAPI:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        airflow = str(Path(sys.executable).with_name("airflow"))
+        handle = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [airflow, "standalone"], stdout=handle, stderr=subprocess.STDOUT, env=self.env,
+            start_new_session=True,
+        )
+        api = AirflowAPI(f"http://127.0.0.1:{self.port}")
+        try:
+            api.wait_healthy()
+        except TimeoutError:
+            self.__exit__(None, None, None)
+            raise
+        return api
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
