@@ -16,7 +16,6 @@ import pandas as pd
 
 from ml.params import LABELS, DataParams, TrainParams
 
-
 KNOWN_COLUMNS = frozenset({"id", "source", "label", "text"})
 
 

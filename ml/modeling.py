@@ -52,13 +52,24 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerBase:
 def new_classifier(pretrained: str | Path | None = None) -> PreTrainedModel:
     """A three-class sequence classifier initialised from MiniLM (or another local checkpoint)."""
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
-    return AutoModelForSequenceClassification.from_pretrained(
-        str(pretrained or base_model_path()),
-        num_labels=len(LABELS),
-        id2label=ID2LABEL,
-        label2id=LABEL2ID,
-    )
+    source = str(pretrained or base_model_path())
+    # The missing classification head is expected (it is what we train); transformers reports
+    # it as a warning table that reads like an error in task logs.
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source,
+            num_labels=len(LABELS),
+            id2label=ID2LABEL,
+            label2id=LABEL2ID,
+        )
+    finally:
+        hf_logging.set_verbosity(previous)
+    log.info("loaded %s with a new %d-class head", source, len(LABELS))
+    return model
 
 
 def tiny_classifier(seed: int = 0, **config_overrides: Any) -> PreTrainedModel:
@@ -67,7 +78,7 @@ def tiny_classifier(seed: int = 0, **config_overrides: Any) -> PreTrainedModel:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    config = BertConfig(
+    config = BertConfig(  # type: ignore[call-arg]  # label fields go to PretrainedConfig
         vocab_size=30522,
         hidden_size=32,
         num_hidden_layers=2,

@@ -53,6 +53,23 @@ class ValidationParams(_Section):
     max_class_share: float = 0.90
 
 
+class RolloutParams(_Section):
+    """Canary rollout: how much traffic a challenger gets and what evidence decides it."""
+
+    canary_share: float = 0.2  # 0 promotes straight after the offline gate (no canary)
+    min_predictions: int = 100  # before latency/confidence comparisons count
+    min_requests_for_errors: int = 20
+    max_error_rate_increase: float = 0.02
+    max_latency_ratio: float = 2.0
+    min_confidence_ratio: float = 0.7
+    min_feedback_early: int = 30  # labels before an early (clearly worse) rollback
+    early_alpha: float = 0.01
+    min_feedback: int = 100  # labels per version before a promotion
+    alpha: float = 0.05
+    max_accuracy_drop: float = 0.02
+    max_feedback: int = 1000  # stop waiting: not shown better after this many labels
+
+
 class Params(_Section):
     """All of ``params.yaml``. Unknown sections are kept (later stages add their own)."""
 
@@ -61,6 +78,7 @@ class Params(_Section):
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     promotion: PromotionParams = Field(default_factory=PromotionParams)
     validation: ValidationParams = Field(default_factory=ValidationParams)
+    rollout: RolloutParams = Field(default_factory=RolloutParams)
 
 
 def load_params(path: str | Path | None = None) -> Params:

@@ -284,7 +284,8 @@ def _record(
         "evidence": evidence,
     }
     with get_engine(get_settings().database_url).begin() as conn:
-        new_id = conn.execute(sa.insert(alias_audit).values(**row)).inserted_primary_key[0]
+        inserted = conn.execute(sa.insert(alias_audit).values(**row)).inserted_primary_key
+        new_id = inserted[0] if inserted else 0
     return AliasMove(id=int(new_id), **{**row, "at": at.isoformat()})  # type: ignore[arg-type]
 
 

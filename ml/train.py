@@ -44,19 +44,47 @@ class TrainResult:
         return asdict(self)
 
 
-def _progress(total: int, desc: str) -> Any:
-    from tqdm.auto import tqdm
+class _Progress:
+    """Progress of one epoch: a tqdm bar in a terminal, a log line every 15 s elsewhere.
 
-    # In a log file (Airflow, CI) a bar redraws as one line per update: keep those sparse.
-    interactive = sys.stderr.isatty()
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit="ex",
-        mininterval=0.5 if interactive else 15.0,
-        file=sys.stderr,
-        dynamic_ncols=interactive,
-    )
+    In a log file (Airflow task logs, CI) a redrawn bar shows nothing until it closes, so
+    non-interactive runs log examples done, rate, loss and time left instead.
+    """
+
+    def __init__(self, total: int, desc: str, every: float = 15.0) -> None:
+        self.total, self.desc, self.every = total, desc, every
+        self.done, self.start, self.last = 0, time.perf_counter(), time.perf_counter()
+        self.bar: Any = None
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="ex", file=sys.stderr)
+
+    def update(self, n: int, loss: float) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+            return
+        now = time.perf_counter()
+        if now - self.last >= self.every or self.done == self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            left = (self.total - self.done) / max(rate, 1e-9)
+            log.info(
+                "%s: %d/%d examples (%.0f%%), %.1f ex/s, loss %.4f, ~%.0fs left",
+                self.desc,
+                self.done,
+                self.total,
+                100 * self.done / self.total,
+                rate,
+                loss,
+                left,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def train_model(
@@ -91,7 +119,8 @@ def train_model(
     torch.manual_seed(params.seed)
     device = resolve_device(device_setting)
     tokenizer = tokenizer or load_tokenizer()
-    model = (model or new_classifier()).to(device)
+    model = model or new_classifier()
+    model.to(device)
     texts = table["text"].tolist()
     labels = torch.tensor([LABEL2ID[label] for label in table["label"]], dtype=torch.long)
 
@@ -133,7 +162,7 @@ def train_model(
     start = time.perf_counter()
     for epoch in range(params.epochs):
         model.train()
-        bar = _progress(len(texts), f"epoch {epoch + 1}/{params.epochs}") if progress else None
+        bar = _Progress(len(texts), f"epoch {epoch + 1}/{params.epochs}") if progress else None
         running, seen = 0.0, 0
         for idx, enc in iter_batches(
             tokenizer,
@@ -159,8 +188,7 @@ def train_model(
             running += value * len(idx)
             seen += len(idx)
             if bar is not None:
-                bar.update(len(idx))
-                bar.set_postfix(loss=f"{running / seen:.4f}")
+                bar.update(len(idx), running / seen)
             if log_to_mlflow and step % 10 == 0:
                 mlflow.log_metric("train_loss_step", value, step=step)
         if bar is not None:
@@ -223,14 +251,27 @@ def _log_curves(result: TrainResult) -> None:
     axes[0].set_ylabel("cross-entropy")
     axes[0].legend()
     axes[0].set_title("training loss")
-    epochs = range(1, len(result.epoch_metrics) + 1)
-    for key in ("train_loss", "epoch_val_macro_recall", "epoch_val_macro_f1"):
+    epochs = list(range(1, len(result.epoch_metrics) + 1))
+    for key, name in (
+        ("epoch_val_macro_recall", "macro-recall"),
+        ("epoch_val_macro_f1", "macro-F1"),
+    ):
         values = [m[key] for m in result.epoch_metrics if key in m]
         if values:
-            axes[1].plot(list(epochs)[: len(values)], values, marker="o", label=key)
+            axes[1].plot(epochs[: len(values)], values, marker="o", label=name)
+            axes[1].annotate(
+                f"{values[-1]:.3f}",
+                (len(values), values[-1]),
+                textcoords="offset points",
+                xytext=(6, 0),
+                va="center",
+            )
+    axes[1].set_xticks(epochs)
+    axes[1].set_xlim(0.5, len(epochs) + 0.8)
+    axes[1].set_ylim(0.0, 1.0)
     axes[1].set_xlabel("epoch")
-    axes[1].legend()
-    axes[1].set_title("per epoch")
+    axes[1].legend(loc="lower right")
+    axes[1].set_title("held-out sample (500 val tweets)")
     fig.tight_layout()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "training_curves.png"

@@ -134,7 +134,7 @@ def print_progress(dag_id: str) -> Callable[[dict[str, str | None]], None]:
 
 
 class LocalAirflow:
-    """``airflow standalone`` (API server, scheduler, DAG processor, triggerer) in the background."""
+    """``airflow standalone`` (API server, scheduler, DAG processor, triggerer) in background."""
 
     def __init__(self, log_path: Path, port: int = 8080, env: dict[str, str] | None = None):
         self.log_path = log_path
