@@ -139,7 +139,11 @@ class LocalAirflow:
     def __init__(self, log_path: Path, port: int = 8080, env: dict[str, str] | None = None):
         self.log_path = log_path
         self.port = port
-        self.env = {**os.environ, **(env or {}), "AIRFLOW__API__PORT": str(port)}
+        self.env = {
+            **os.environ, **(env or {}), "AIRFLOW__API__PORT": str(port),
+            # Task runners report to the API server; it must be this one, on this port.
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        }
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> AirflowAPI:
