@@ -3,50 +3,50 @@
 
 Trains a new tweet-sentiment model and promotes it only if it is better.
 
-**prepare → validate → train → evaluate → register → promote**, then one of two outcomes:
+**prepare → validate → train → evaluate → register → promote**, then one of three outcomes:
 
-- `promoted`: the new version beat the champion on the validation split by at least
-  `promotion.min_improvement` (params.yaml), or there was no champion; the MLflow alias
-  `champion` now points at it.
-- `kept_champion`: it did not; `champion` stays where it was and the new version keeps the
-  alias `challenger`.
+- `promoted`: there was no champion (or canaries are off: `rollout.canary_share: 0`); the
+  MLflow alias `champion` now points at the new version.
+- `canary_started`: it beat the champion on the validation split by at least
+  `promotion.min_improvement` (params.yaml), so it now serves `rollout.canary_share` of live
+  traffic as `challenger`; `canary_rollout` promotes or removes it on live evidence.
+- `kept_champion`: it did not pass that offline gate and never reaches traffic.
 
 A batch that fails the Great Expectations gate stops the run at `validate` (no retry, nothing is
 registered); the task log names each failing expectation and column, and the Data Docs path.
 Every alias move, and every decision to keep the champion, is written to the audit table
 (`driftloop audit`). Params: `max_examples`, `epochs`, `reason` (shown on the MLflow run),
-`extra_paths` (labelled batches to add), `batch_path` (train on exactly this table instead).
+`extra_paths` (labelled batches to add), `batch_path` (train on exactly this table instead);
+`monitor_drift` also passes `drift_report` (tagged on the MLflow run) and the retraining lock,
+which `release_retraining` frees however the run ends.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
 
-import pendulum
+from _driftloop import DEFAULT_ARGS, START, actor
 from airflow.providers.standard.operators.empty import EmptyOperator
-from airflow.sdk import Param, dag, get_current_context, task
-
-
-def _actor() -> str:
-    ctx = get_current_context()
-    return f"dag:{ctx['dag'].dag_id}/{ctx['run_id']}"
+from airflow.sdk import Param, dag, task
 
 
 @dag(
     dag_id="train_model",
     schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    start_date=START,
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,
     tags=["driftloop", "training"],
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=20), "owner": "driftloop"},
+    default_args=DEFAULT_ARGS,
     params={
         "max_examples": Param(8000, type="integer", minimum=20, description="training rows"),
         "epochs": Param(1, type="integer", minimum=1, maximum=20),
         "reason": Param("manual run", type="string", description="why this model is trained"),
         "extra_paths": Param([], type="array", description="extra labelled batches (TSV)"),
         "batch_path": Param(None, type=["null", "string"], description="train on this table"),
+        "drift_report": Param(None, type=["null", "string"], description="report that caused it"),
+        "retraining_token": Param(None, type=["null", "string"], description="lock to release"),
     },
 )
 def train_model() -> None:
@@ -82,7 +82,7 @@ def train_model() -> None:
         result = pipeline.train(
             batch["path"],
             reason=p.get("reason", "manual run"),
-            trigger=_actor(),
+            trigger=actor(),
             epochs=p.get("epochs"),
             batch_inputs=batch.get("inputs"),
         )
@@ -100,16 +100,36 @@ def train_model() -> None:
         from ml import pipeline
 
         reason = (params or {}).get("reason", "manual run")
-        return pipeline.register(mlflow_run, reason=reason, actor=_actor())["version"]
+        return pipeline.register(mlflow_run, reason=reason, actor=actor())["version"]
 
     @task.branch
     def promote(version: str) -> str:
         from ml import pipeline
 
-        return pipeline.promote(version, actor=_actor()).outcome
+        return pipeline.promote_or_canary(version, actor=actor())
 
-    outcome = promote(register(evaluate(train(validate(prepare())))))
-    outcome >> [EmptyOperator(task_id="promoted"), EmptyOperator(task_id="kept_champion")]
+    @task(trigger_rule="all_done", retries=3)
+    def release_retraining(params: dict | None = None) -> bool:
+        """Free the single-retraining lock taken by monitor_drift, however this run ended."""
+        from ml import loop
+
+        return loop.release_retraining((params or {}).get("retraining_token"))
+
+    @task(trigger_rule="one_failed", retries=0)
+    def watcher() -> None:
+        """Fail the run when any task failed (the lock release above always succeeds)."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException("a task of this run failed; see its log")
+
+    steps = [prepare()]
+    for step in (validate, train, evaluate, register, promote):
+        steps.append(step(steps[-1]))
+    ends = [EmptyOperator(task_id=t) for t in ("promoted", "canary_started", "kept_champion")]
+    steps[-1] >> ends
+    release = release_retraining()
+    ends >> release
+    [*steps, release] >> watcher()
 
 
 train_model()

@@ -22,14 +22,28 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-NOISY = ("great_expectations", "mlflow", "alembic", "urllib3", "httpx", "git", "filelock",
-         "matplotlib", "PIL", "asyncio", "sqlalchemy", "fsspec")
+NOISY = (
+    "great_expectations",
+    "mlflow",
+    "alembic",
+    "urllib3",
+    "httpx",
+    "git",
+    "filelock",
+    "matplotlib",
+    "PIL",
+    "asyncio",
+    "sqlalchemy",
+    "fsspec",
+)
 
 
 def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
     for name in NOISY:
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -98,7 +112,10 @@ def train(
 
     try:
         result = run_all(
-            reason=reason, actor="cli", epochs=epochs, max_examples=max_examples,
+            reason=reason,
+            actor="cli",
+            epochs=epochs,
+            max_examples=max_examples,
             extra_paths=extra,
         )
     except ValidationFailed as exc:
@@ -157,10 +174,16 @@ def status() -> None:
             "run_id": info.run_id,
             "created_at": info.created_at,
             "aliases": info.aliases,
-            "metrics": {k: round(v, 4) for k, v in sorted(info.metrics.items())
-                        if k.startswith(("val_", "train_"))},
-            "lineage": {k.removeprefix("driftloop."): v for k, v in sorted(tags.items())
-                        if k.startswith("driftloop.")},
+            "metrics": {
+                k: round(v, 4)
+                for k, v in sorted(info.metrics.items())
+                if k.startswith(("val_", "train_"))
+            },
+            "lineage": {
+                k.removeprefix("driftloop."): v
+                for k, v in sorted(tags.items())
+                if k.startswith("driftloop.")
+            },
             "version_tags": info.tags,
         }
     _emit(out)
@@ -172,6 +195,107 @@ def audit(limit: Annotated[int, typer.Option(help="How many rows, newest first."
     from ml.registry import audit_log
 
     _emit([m.to_dict() for m in audit_log(limit=limit)])
+
+
+@app.command()
+def serve(
+    port: Annotated[int, typer.Option(help="HTTP port")] = 3000,
+    host: Annotated[str, typer.Option(help="Interface to bind")] = "127.0.0.1",
+) -> None:
+    """Serve the champion over HTTP (BentoML): /predict, /feedback, /model, /metrics."""
+    from ml.settings import REPO_ROOT
+
+    bentoml = Path(sys.executable).with_name("bentoml")
+    cmd = [
+        str(bentoml),
+        "serve",
+        "bentos.sentiment.service:SentimentService",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    typer.echo(f"serving on http://{host}:{port} (Ctrl-C stops)", err=True)
+    os.chdir(REPO_ROOT)
+    os.execv(cmd[0], cmd)
+
+
+@app.command()
+def replay(
+    path: Annotated[Path, typer.Argument(help="Labelled table (label, text) to send.")],
+    url: Annotated[str, typer.Option(help="Service base URL")] = "http://127.0.0.1:3000",
+    feedback_share: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of predictions whose label is posted")
+    ] = 0.0,
+    concurrency: Annotated[int, typer.Option(min=1, max=64, help="Concurrent clients")] = 8,
+    limit: Annotated[int | None, typer.Option(help="Send at most this many rows")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="DRIFTLOOP_API_KEY")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Send a table's texts to a running service as production traffic (one per request)."""
+    from ml.data import DataError
+    from ml.replay import replay as do_replay
+
+    try:
+        summary = do_replay(
+            path,
+            url,
+            feedback_share=feedback_share,
+            concurrency=concurrency,
+            limit=limit,
+            api_key=api_key,
+            seed=seed,
+            progress=True,
+        )
+    except (DataError, ValueError) as exc:
+        raise _fail(str(exc), 2) from None
+    _emit(summary.to_dict())
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def drift(
+    since: Annotated[str | None, typer.Option(help="Window start, ISO time (UTC)")] = None,
+    until: Annotated[str | None, typer.Option(help="Window end, ISO time (UTC)")] = None,
+) -> None:
+    """Drift report on a window of the prediction log; prints the typed result as JSON."""
+    from ml.drift import DriftError, run_drift
+
+    try:
+        result = run_drift(since, until)
+    except (DriftError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    _emit(result.to_dict())
+
+
+@app.command()
+def reports(
+    limit: Annotated[int, typer.Option(help="How many, newest first")] = 20,
+) -> None:
+    """Saved drift reports, newest first (open the HTML, or `evidently ui` on the workspace)."""
+    from ml.drift import list_reports
+    from ml.settings import get_settings
+
+    workspace = get_settings().home / "evidently"
+    _emit(
+        {
+            "workspace": str(workspace),
+            "ui": f"evidently ui --workspace {workspace}",
+            "reports": [
+                {
+                    "created_at": r.created_at,
+                    "outcome": r.outcome,
+                    "drift_detected": r.drift_detected,
+                    "drifted_signals": r.drifted_signals,
+                    "rows": r.rows,
+                    "model_version": r.model_version,
+                    "html": r.report_html,
+                }
+                for r in list_reports(limit)
+            ],
+        }
+    )
 
 
 # --- DVC stages: the same library functions, file in and file out -----------------------------
@@ -218,7 +342,10 @@ def stage_train(
 
     params = load_params()
     result = train_model(
-        read_table(batch), params.train, out, device_setting=get_settings().device,
+        read_table(batch),
+        params.train,
+        out,
+        device_setting=get_settings().device,
         log_to_mlflow=False,
     )
     _emit({k: v for k, v in result.to_dict().items() if k != "step_losses"})

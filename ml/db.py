@@ -50,6 +50,7 @@ def get_engine(url: str) -> Engine:
     metadata.create_all(engine)
     return engine
 
+
 # Every prediction the service made (issue 3); the drift and quality reports read it. The request
 # id is the primary key, so a batch written twice after an outage inserts nothing new.
 predictions = sa.Table(
@@ -75,4 +76,15 @@ feedback = sa.Table(
     sa.Column("request_id", sa.String(64), primary_key=True),
     sa.Column("at", sa.DateTime(timezone=True), nullable=False, index=True),
     sa.Column("label", sa.String(16), nullable=False),
+)
+
+# At most one retraining at a time: the row's primary key is the lock. A drift found while a
+# retraining holds it does not start another; the train_model run it started releases it.
+retraining_lock = sa.Table(
+    "retraining_lock",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("token", sa.String(64), nullable=False),
+    sa.Column("acquired_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
 )

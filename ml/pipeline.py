@@ -67,6 +67,7 @@ def train(
     params: Params | None = None,
     model: Any = None,
     tokenizer: Any = None,
+    extra_tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune on a validated batch inside a new MLflow run; log the model; return ids.
 
@@ -92,7 +93,8 @@ def train(
     val_path = _repo_path(params.data.val)
     val = read_table(val_path)
     curve_sample = val.sample(n=min(500, len(val)), random_state=params.data.seed)
-    with mlflow.start_run(tags=lineage_tags(reason, hashes, trigger)) as run:
+    tags = {**lineage_tags(reason, hashes, trigger), **(extra_tags or {})}
+    with mlflow.start_run(tags=tags) as run:
         out_dir = settings.work_dir / "runs" / run.info.run_id / "model"
         result = train_model(
             table,
@@ -306,3 +308,38 @@ def run_all(
         "version": version["version"],
         "decision": decision.to_dict(),
     }
+
+
+def promote_or_canary(version: str, *, actor: str, params: Params | None = None) -> str:
+    """The DAG's promotion step: the offline gate, then a canary when a champion exists.
+
+    Returns the outcome: ``promoted`` (first model, or canaries are switched off),
+    ``canary_started`` (the challenger now serves ``rollout.canary_share`` of live traffic and
+    ``canary_rollout`` decides), or ``kept_champion`` (it failed the offline gate and never
+    reaches traffic).
+    """
+    from ml import rollout
+
+    params = params or load_params()
+    champion = registry.get_alias(registry.CHAMPION)
+    if champion is None or params.rollout.canary_share <= 0:
+        return promote(version, actor=actor, params=params).outcome
+    challenger = registry.get_version(version)
+    challenger_metrics = {
+        k[len("val_") :]: v for k, v in challenger.metrics.items() if k.startswith("val_")
+    }
+    champ_version, champ_metrics = champion_metrics_on_current_data(params)
+    decision = decide_promotion(
+        str(version), challenger_metrics, champ_version, champ_metrics, params.promotion
+    )
+    if not decision.promote:
+        registry.record_keep(
+            champion_version=champ_version,
+            challenger_version=str(version),
+            actor=actor,
+            reason=decision.reason,
+            evidence=decision.to_dict(),
+        )
+        return "kept_champion"
+    rollout.start_canary(str(version), actor=actor, reason=f"offline gate: {decision.reason}")
+    return "canary_started"

@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     )
     serve_gpu: bool = Field(default=False, validation_alias=AliasChoices("DRIFTLOOP_SERVE_GPU"))
 
+    # --- loop metrics (StatsD -> statsd-exporter -> Prometheus); off when the host is unset ---
+    statsd_host: str | None = Field(
+        default=None, validation_alias=AliasChoices("DRIFTLOOP_STATSD_HOST")
+    )
+    statsd_port: int = Field(default=9125, validation_alias=AliasChoices("DRIFTLOOP_STATSD_PORT"))
+
     @property
     def database_url(self) -> str:
         """driftloop's own tables (audit log, prediction log): SQLite under ``home`` by default."""

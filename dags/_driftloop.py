@@ -1,0 +1,30 @@
+"""Helpers shared by driftloop's DAG files (not a DAG: the leading underscore keeps it out)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+
+START = pendulum.datetime(2026, 1, 1, tz="UTC")
+DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=20), "owner": "driftloop"}
+
+
+def actor() -> str:
+    """Who moves an alias, for the audit table: this DAG run."""
+    from airflow.sdk import get_current_context
+
+    ctx = get_current_context()
+    return f"dag:{ctx['dag'].dag_id}/{ctx['run_id']}"
+
+
+def drift_schedule() -> str | None:
+    """``drift.schedule`` from params.yaml (a small YAML read: fine at parse time)."""
+    import os
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(os.environ.get("DRIFTLOOP_PARAMS") or Path(__file__).parents[1] / "params.yaml")
+    value = ((yaml.safe_load(path.read_text()) or {}).get("drift") or {}).get("schedule")
+    return None if value in (None, "", "none", "None") else str(value)
