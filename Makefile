@@ -11,13 +11,13 @@ UV     := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 STACK  := eval "$$($(PY) scripts/stack_env.py)" && export PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv data airflow-db demo test test-fast lint dvc-repro airflow-ui mlflow-ui \
+.PHONY: help setup venv data airflow-db demo demo-fast serve test test-fast lint dvc-repro airflow-ui mlflow-ui \
         services-start services-stop bench-serve clean
 
 help: ## Show this help
 	@echo "driftloop: an Airflow-orchestrated MLOps loop for a tweet sentiment classifier"
 	@echo
-	@echo "  make demo    run the main job (sets everything up on first use)"
+	@echo "  make demo    run the whole loop end to end (sets everything up on first use)"
 	@echo "  make test    run the tests (installs PostgreSQL/Redis from Debian if missing)"
 	@echo
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
@@ -43,8 +43,14 @@ airflow-db: $(VENV)/.synced ## Create/upgrade Airflow's metadata database
 
 setup: venv data airflow-db ## Everything demo needs: environment, data, Airflow metadata
 
-demo: setup ## Run train_model on a real Airflow scheduler, then print the champion
+demo: setup ## The whole loop: train, serve, drift, retrain, canary, damaged-model rollback
 	@$(STACK) && $(PY) scripts/demo.py
+
+demo-fast: setup ## The same loop with smaller samples (about 20 min on 2 CPU cores)
+	@$(STACK) && $(PY) scripts/demo.py --fast
+
+serve: setup ## Serve the champion on http://127.0.0.1:3000 (driftloop serve)
+	@$(STACK) && driftloop serve --port 3000
 
 # Tests build their own isolated state (tmp folders, fresh databases); only PATH is shared.
 TESTENV := export PATH="$(CURDIR)/$(VENV)/bin:$$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

@@ -40,7 +40,10 @@ from airflow.sdk import Param, dag, task
     tags=["driftloop", "training"],
     default_args=DEFAULT_ARGS,
     params={
-        "max_examples": Param(8000, type="integer", minimum=20, description="training rows"),
+        "max_examples": Param(
+            None, type=["null", "integer"], minimum=20,
+            description="training rows (default: train.max_examples in params.yaml)",
+        ),
         "epochs": Param(1, type="integer", minimum=1, maximum=20),
         "reason": Param("manual run", type="string", description="why this model is trained"),
         "extra_paths": Param([], type="array", description="extra labelled batches (TSV)"),

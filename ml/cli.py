@@ -141,6 +141,33 @@ def promote(
 
 
 @app.command()
+def canary(
+    version: Annotated[str, typer.Argument(help="Registered version to put on canary traffic.")],
+    share: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
+    force: Annotated[
+        bool, typer.Option(help="Skip the offline gate (the canary rule still judges it).")
+    ] = False,
+    reason: Annotated[str, typer.Option(help="Why (recorded in the audit)")] = "manual canary",
+) -> None:
+    """Serve a version to a canary share of traffic; canary_rollout then promotes or removes it."""
+    from ml import rollout
+    from ml.pipeline import promote_or_canary
+    from ml.registry import RegistryError, get_version
+
+    try:
+        get_version(version)
+        if force:
+            rollout.start_canary(version, actor=_actor(), share=share,
+                                 reason=f"forced past the offline gate: {reason}")
+            outcome = "canary_started"
+        else:
+            outcome = promote_or_canary(version, actor=_actor())
+    except RegistryError as exc:
+        raise _fail(str(exc)) from None
+    _emit({"version": version, "outcome": outcome})
+
+
+@app.command()
 def rollback(
     reason: Annotated[str, typer.Option(help="Why (recorded in the audit)")] = "manual rollback",
 ) -> None:

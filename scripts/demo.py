@@ -1,9 +1,18 @@
-"""``make demo``: run driftloop's main job on a real Airflow scheduler and say what happened.
+"""``make demo``: driftloop's whole loop, end to end, on a real Airflow scheduler and service.
 
-Starts ``airflow standalone`` in the background (API server, scheduler, DAG processor,
-triggerer; SQLite by default, PostgreSQL when ``DATABASE_URL`` is set), triggers
-``train_model`` through the REST API with the default parameters, prints every task state
-change while it runs, and ends with the champion, its validation metrics and where to look.
+1. train the first champion on a small sample of the 2013-2015 tweets (``train_model``);
+2. serve it (BentoML) and replay held-out tweets from the same period as production traffic,
+   with feedback labels for a share: ``monitor_drift`` finds no drift;
+3. replay 2016 tweets: ``monitor_drift`` finds drift, records the labelled window as a new data
+   version and triggers ``train_model`` with the full budget plus those fresh labels;
+4. the retrained model passes the offline gate and serves a canary share; more traffic with
+   feedback, then ``canary_rollout`` promotes it on live evidence;
+5. a deliberately damaged model (trained on shuffled labels) is stopped by the offline gate,
+   then forced onto canary traffic anyway: ``canary_rollout`` removes it on live evidence;
+6. a summary of every model version, why it exists, its metrics, every alias move and every
+   drift report, and where to look.
+
+``--fast`` keeps the same steps with smaller samples (about 20 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -11,93 +20,385 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-from scripts.airflow_api import LocalAirflow, print_progress  # noqa: E402
+from scripts.airflow_api import AirflowAPI, LocalAirflow, print_progress  # noqa: E402
+
+T0 = time.monotonic()
 
 
 def say(message: str) -> None:
-    sys.stderr.write(f"==> {message}\n")
+    sys.stderr.write(f"==> [{time.monotonic() - T0:5.0f}s] {message}\n")
     sys.stderr.flush()
 
 
+def now() -> str:
+    return datetime.now(tz=UTC).isoformat()
+
+
+class Service:
+    """``bentoml serve`` of the sentiment service in the background."""
+
+    def __init__(self, port: int, log_path: Path, env: dict[str, str]) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.port, self.log_path, self.env = port, log_path, env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Service:
+        import httpx
+
+        bentoml = str(Path(sys.executable).with_name("bentoml"))
+        self.proc = subprocess.Popen(
+            [
+                bentoml,
+                "serve",
+                "bentos.sentiment.service:SentimentService",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            cwd=REPO,
+            env=self.env,
+            stdout=self.log_path.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the service exited; see {self.log_path}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        raise TimeoutError(f"the service was not ready within 300s; see {self.log_path}")
+
+    def model(self) -> dict[str, Any]:
+        import httpx
+
+        return dict(httpx.get(f"{self.url}/model", timeout=10).json())
+
+    def wait_serving(self, champion: str, challenger: str | None = None, timeout: float = 120):
+        """Until /model reports the given champion (and challenger, or none)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.model()
+            champ = (info.get("champion") or {}).get("version")
+            chall = (info.get("challenger") or {}).get("version")
+            if champ == champion and (challenger is None or chall == challenger):
+                return info
+            time.sleep(2)
+        raise TimeoutError(f"service still on {self.model()} after {timeout:.0f}s")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def run_dag(api: AirflowAPI, dag_id: str, conf: dict[str, Any]) -> tuple[str, dict]:
+    run_id = api.trigger(dag_id, conf)
+    say(f"{dag_id}: triggered {run_id}")
+    state = api.wait_run(dag_id, run_id, on_change=print_progress(dag_id))
+    tasks = api.task_states(dag_id, run_id)
+    say(f"{dag_id}: {state}")
+    if state != "success":
+        raise RuntimeError(f"{dag_id} run {run_id} {state}: {tasks}")
+    return run_id, tasks
+
+
+def outcome(tasks: dict[str, str | None], choices: tuple[str, ...]) -> str:
+    return next((t for t in choices if tasks.get(t) == "success"), "unknown")
+
+
+def wait_new_run(api: AirflowAPI, dag_id: str, after: set[str], timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for run in api.list_runs(dag_id):
+            if run["dag_run_id"] not in after:
+                return str(run["dag_run_id"])
+        time.sleep(3)
+    raise TimeoutError(f"no new {dag_id} run within {timeout:.0f}s")
+
+
+def replay(table: Path, url: str, share: float, seed: int) -> dict[str, Any]:
+    from ml.replay import replay as do_replay
+
+    summary = do_replay(
+        table, url, feedback_share=share, concurrency=8, seed=seed, progress=True
+    ).to_dict()
+    say(
+        f"replayed {summary['sent']} requests ({summary['requests_per_second']}/s, "
+        f"{summary['failed']} failed, {summary['feedback_sent']} feedback labels); "
+        f"answered by versions {summary['by_version']}"
+    )
+    if summary["failed"]:
+        raise RuntimeError(f"{summary['failed']} requests failed: {summary['errors']}")
+    return summary
+
+
+def traffic_tables(work: Path, sizes: dict[str, int], first_batch: Path, seed: int) -> dict:
+    """Same-period held-out tweets, 2016 tweets for drift and canaries, a shuffled batch."""
+    from ml.data import read_table
+    from ml.params import load_params
+
+    params = load_params()
+    tweets = read_table(REPO / params.data.tweets)
+    used = set(read_table(first_batch)["text"])
+    old = tweets[tweets["source"].isin(params.data.train_sources) & ~tweets["text"].isin(used)]
+    new = tweets[tweets["source"].isin(params.data.drift_sources)].sample(
+        frac=1.0, random_state=seed
+    )
+    out: dict[str, Path] = {}
+    cut = 0
+    for name in ("drift", "canary", "damaged_canary"):
+        part = new.iloc[cut : cut + sizes[name]]
+        cut += sizes[name]
+        out[name] = work / f"replay-{name}.tsv"
+        part[["label", "text"]].to_csv(out[name], sep="\t", index=False)
+    out["same_period"] = work / "replay-same-period.tsv"
+    old.sample(n=sizes["same_period"], random_state=seed)[["label", "text"]].to_csv(
+        out["same_period"], sep="\t", index=False
+    )
+    shuffled = old.sample(n=sizes["damaged_train"], random_state=seed + 1)[["label", "text"]]
+    shuffled = shuffled.assign(
+        label=shuffled["label"].sample(frac=1.0, random_state=seed).to_numpy()
+    )
+    out["damaged_train"] = work / "damaged-shuffled-labels.tsv"
+    shuffled.to_csv(out["damaged_train"], sep="\t", index=False)
+    return out
+
+
+def canary_until_decided(api, service, table_paths, share, seed) -> str:
+    """Replay canary traffic and ask canary_rollout until it promotes or rolls back."""
+    for round_no, table in enumerate(table_paths):
+        replay(table, service.url, share, seed + round_no)
+        _, tasks = run_dag(api, "canary_rollout", {})
+        decided = outcome(tasks, ("canary_promoted", "canary_rolled_back", "waiting", "no_canary"))
+        say(f"canary_rollout: {decided}")
+        if decided != "waiting":
+            return decided
+    return "waiting"
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--port", type=int, default=int(os.environ.get("AIRFLOW_PORT", "8080")))
-    parser.add_argument("--conf", default="{}", help="JSON conf for the train_model run")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--fast", action="store_true", help="smaller samples, same steps")
+    parser.add_argument(
+        "--airflow-port", type=int, default=int(os.environ.get("AIRFLOW_PORT", "8080"))
+    )
+    parser.add_argument("--service-port", type=int, default=3000)
+    parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
 
     from ml.settings import get_settings
 
     settings = get_settings()
     home = settings.ensure_home()
-    log_path = home / "logs" / "airflow-standalone.log"
-    started = time.monotonic()
-    say(f"starting Airflow (scheduler, DAG processor, API server) on port {args.port}; "
-        f"log: {log_path}")
-    with LocalAirflow(log_path, port=args.port) as api:
-        say("Airflow is healthy; waiting for the DAG processor to parse train_model")
-        api.wait_dag("train_model")
-        conf = {"reason": "make demo: first model on the 2013-2015 tweets", **json.loads(args.conf)}
-        run_id = api.trigger("train_model", conf)
-        say(f"triggered train_model run {run_id}; following its tasks")
-        state = api.wait_run("train_model", run_id, on_change=print_progress("train_model"))
-        tasks = api.task_states("train_model", run_id)
-    elapsed = time.monotonic() - started
-    say(f"train_model {run_id}: {state} in {elapsed:.0f}s")
-    if state != "success":
-        say(f"see the task logs under {Path(os.environ.get('AIRFLOW_HOME', home / 'airflow'))}"
-            "/logs or in the Airflow UI (make airflow-ui)")
-        return 1
-    return summary(tasks)
+    logs = home / "logs"
+    logs.mkdir(exist_ok=True)
+    work = home / "demo"
+    work.mkdir(exist_ok=True)
+    sizes = {
+        "first": 2000,
+        "same_period": 600,
+        "drift": 1200,
+        "canary": 1600,
+        "damaged_canary": 900,
+        "damaged_train": 1500,
+    }
+    env = dict(os.environ, DRIFTLOOP_REGISTRY_POLL="3")
+    if args.fast:
+        sizes.update(first=1000, same_period=400, drift=800, damaged_train=600)
+        demo_params = work / "params-fast.yaml"
+        import yaml
+
+        raw = yaml.safe_load(settings.params_path.read_text())
+        raw["train"]["max_examples"] = 4000
+        demo_params.write_text(yaml.safe_dump(raw, sort_keys=False))
+        env["DRIFTLOOP_PARAMS"] = str(demo_params)
+        os.environ["DRIFTLOOP_PARAMS"] = str(demo_params)
+        get_settings.cache_clear()
+    record: dict[str, Any] = {"started": now(), "steps": []}
+
+    say(f"starting Airflow on :{args.airflow_port} (log {logs / 'airflow-standalone.log'})")
+    with LocalAirflow(logs / "airflow-standalone.log", port=args.airflow_port, env=env) as api:
+        for dag_id in ("train_model", "monitor_drift", "canary_rollout"):
+            api.wait_dag(dag_id)
+
+        say(f"1/5 first champion: train_model on {sizes['first']} tweets from 2013-2015")
+        _, tasks = run_dag(
+            api,
+            "train_model",
+            {
+                "max_examples": sizes["first"],
+                "reason": "demo: first model, small early sample of the 2013-2015 tweets",
+            },
+        )
+        record["steps"].append(
+            {
+                "step": "first model",
+                "outcome": outcome(tasks, ("promoted", "canary_started", "kept_champion")),
+            }
+        )
+        tables = traffic_tables(work, sizes, settings.work_dir / "train_batch.tsv", args.seed)
+
+        with Service(args.service_port, logs / "service.log", env) as service:
+            from ml.registry import CHAMPION, get_alias
+
+            champion = get_alias(CHAMPION)
+            assert champion is not None
+            service.wait_serving(champion.version)
+            say(f"service on {service.url} serves champion v{champion.version}")
+
+            say("2/5 same-period traffic: held-out 2013-2015 tweets, half with feedback")
+            since = now()
+            replay(tables["same_period"], service.url, 0.5, args.seed)
+            _, tasks = run_dag(api, "monitor_drift", {"since": since, "until": now()})
+            calm = outcome(tasks, ("no_drift", "retrain", "retraining_in_progress", "rollback"))
+            record["steps"].append({"step": "same-period traffic", "outcome": calm})
+
+            say("3/5 later-period traffic: 2016 tweets, 70% with feedback")
+            since = now()
+            replay(tables["drift"], service.url, 0.7, args.seed + 1)
+            before = {r["dag_run_id"] for r in api.list_runs("train_model")}
+            _, tasks = run_dag(api, "monitor_drift", {"since": since, "until": now()})
+            found = outcome(tasks, ("no_drift", "retrain", "retraining_in_progress", "rollback"))
+            record["steps"].append({"step": "2016 traffic", "outcome": found})
+            if found == "retrain":
+                run_id = wait_new_run(api, "train_model", before)
+                say(f"train_model {run_id} was triggered by monitor_drift; following it")
+                state = api.wait_run("train_model", run_id, on_change=print_progress("train_model"))
+                tasks = api.task_states("train_model", run_id)
+                retrained = outcome(tasks, ("promoted", "canary_started", "kept_champion"))
+                record["steps"].append({"step": "retraining", "state": state, "outcome": retrained})
+                if retrained == "canary_started":
+                    from ml.registry import CHALLENGER
+
+                    challenger = get_alias(CHALLENGER)
+                    service.wait_serving(champion.version, challenger.version)
+                    say(f"4/5 canary: v{challenger.version} serves 20% of traffic")
+                    half = _split(tables["canary"], 2)
+                    decided = canary_until_decided(api, service, half, 0.8, args.seed + 2)
+                    record["steps"].append({"step": "canary", "outcome": decided})
+
+            champion = get_alias(CHAMPION)
+            service.wait_serving(champion.version)
+            say(f"5/5 damaged model: train_model on {sizes['damaged_train']} shuffled labels")
+            _, tasks = run_dag(
+                api,
+                "train_model",
+                {
+                    "batch_path": str(tables["damaged_train"]),
+                    "reason": "demo: deliberately damaged model (shuffled labels)",
+                },
+            )
+            gate = outcome(tasks, ("promoted", "canary_started", "kept_champion"))
+            record["steps"].append({"step": "damaged model, offline gate", "outcome": gate})
+            from ml.registry import list_versions
+
+            damaged = list_versions()[-1]
+            say(f"offline gate: {gate}; forcing v{damaged.version} onto canary traffic anyway")
+            subprocess.run(
+                [
+                    str(Path(sys.executable).with_name("driftloop")),
+                    "canary",
+                    damaged.version,
+                    "--force",
+                    "--reason",
+                    "demo: push the damaged model through",
+                ],
+                check=True,
+                env=env,
+                stdout=subprocess.DEVNULL,
+            )
+            service.wait_serving(champion.version, damaged.version)
+            decided = canary_until_decided(
+                api, service, _split(tables["damaged_canary"], 3), 0.8, args.seed + 3
+            )
+            record["steps"].append({"step": "damaged model, canary", "outcome": decided})
+            service.wait_serving(get_alias(CHAMPION).version)
+            record["serving_at_end"] = service.model()
+    record["seconds"] = round(time.monotonic() - T0)
+    (work / "summary.json").write_text(json.dumps(record, indent=2, default=str))
+    return summary(record)
 
 
-def summary(tasks: dict[str, str | None]) -> int:
-    from ml.registry import CHALLENGER, CHAMPION, audit_log, get_alias
+def _split(path: Path, parts: int) -> list[Path]:
+    from ml.data import read_table
+
+    table = read_table(path)
+    size = -(-len(table) // parts)
+    out = []
+    for i in range(parts):
+        part = path.with_name(f"{path.stem}-{i + 1}.tsv")
+        table.iloc[i * size : (i + 1) * size].to_csv(part, sep="\t", index=False)
+        out.append(part)
+    return out
+
+
+def summary(record: dict[str, Any]) -> int:
+    from ml.drift import list_reports
+    from ml.registry import CHAMPION, audit_log, get_alias, list_versions
     from ml.settings import get_settings
 
     settings = get_settings()
+    lines = ["", f"driftloop demo: done in {record['seconds'] / 60:.1f} min", "", "steps:"]
+    lines += [f"  {s['step']:<30} {s['outcome']}" for s in record["steps"]]
+    lines += ["", "model versions:"]
+    for v in list_versions():
+        m = v.metrics
+        status = ", ".join(v.aliases) or ("rejected" if "rejected" in v.tags else "-")
+        lines.append(
+            f"  v{v.version}: macro-recall {m.get('val_macro_recall', float('nan')):.4f}"
+            f"  macro-F1 {m.get('val_macro_f1', float('nan')):.4f}  [{status}]"
+        )
+        lines.append(f"       why: {v.tags.get('reason', '?')}")
+    lines += ["", "alias moves (oldest first):"]
+    for move in reversed(audit_log(limit=1000)):
+        lines.append(
+            f"  {move.at[11:19]} {move.action:<15} {move.alias:<10} "
+            f"{move.from_version or '-'} -> {move.to_version or '-'}  by {move.actor}"
+        )
+        lines.append(f"           {move.reason[:150]}")
+    lines += ["", "drift reports:"]
+    for r in reversed(list_reports()):
+        lines.append(
+            f"  {r.created_at[:19]} {r.outcome:<22} {', '.join(r.drifted_signals) or '-'}"
+            f"  {r.report_html}"
+        )
     champion = get_alias(CHAMPION)
-    challenger = get_alias(CHALLENGER)
-    outcome = "promoted" if tasks.get("promoted") == "success" else "kept_champion"
-    lines = ["", "driftloop demo: done", f"  outcome of this run: {outcome}"]
-    if champion is None:
-        lines.append("  no champion registered (see the Airflow task logs)")
-    else:
-        metrics = {k.removeprefix("val_"): round(v, 4) for k, v in champion.metrics.items()
-                   if k.startswith("val_")}
-        lines += [
-            f"  champion: {settings.model_name} v{champion.version} (run {champion.run_id})",
-            f"  validation macro-recall: {metrics.get('macro_recall')}  "
-            f"macro-F1: {metrics.get('macro_f1')}  accuracy: {metrics.get('accuracy')}",
-            f"  per-class recall: negative {metrics.get('recall_negative')}, "
-            f"neutral {metrics.get('recall_neutral')}, positive {metrics.get('recall_positive')}",
-            f"  training: {champion.metrics.get('train_examples_per_second', 0):.1f} examples/s, "
-            f"{champion.metrics.get('train_seconds', 0):.0f}s",
-        ]
-    if challenger is not None and (champion is None or challenger.version != champion.version):
-        lines.append(f"  challenger: v{challenger.version}")
-    moves = audit_log(limit=3)
-    if moves:
-        lines.append("  latest alias moves:")
-        lines += [f"    {m.at[:19]} {m.action} {m.alias}: {m.from_version} -> {m.to_version} "
-                  f"by {m.actor}" for m in moves]
     lines += [
         "",
+        f"serving at the end: champion v{champion.version if champion else '?'}",
+        "",
         "where to look:",
-        "  driftloop status              champion/challenger, metrics and lineage (JSON)",
-        "  driftloop audit               every alias move",
-        "  make airflow-ui               Airflow UI on http://localhost:8080 (the run above)",
-        "  make mlflow-ui                MLflow UI on http://localhost:5000 (runs, curves, "
-        "confusion matrices, registry)",
-        f"  data docs                     {settings.data_docs_dir / 'index.html'}",
+        "  make airflow-ui    Airflow UI, http://localhost:8080: the runs above, their task logs",
+        "  make mlflow-ui     MLflow UI, http://localhost:5000: runs, curves, confusion matrices,",
+        "                     the registry with its aliases, drift reports next to each version",
+        f"  .venv/bin/evidently ui --workspace {settings.home / 'evidently'}",
+        "                     drift reports over time (or open the HTML paths above)",
+        "  driftloop audit    every alias move with its evidence (JSON)",
     ]
     sys.stdout.write("\n".join(lines) + "\n")
-    return 0 if champion is not None else 1
+    return 0
 
 
 if __name__ == "__main__":
