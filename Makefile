@@ -53,7 +53,8 @@ serve: setup ## Serve the champion on http://127.0.0.1:3000 (driftloop serve)
 	@$(STACK) && driftloop serve --port 3000
 
 # Tests build their own isolated state (tmp folders, fresh databases); only PATH is shared.
-TESTENV := export PATH="$(CURDIR)/$(VENV)/bin:$$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+TESTENV := export PATH="$(CURDIR)/$(VENV)/bin:$$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+  BENTOML_DO_NOT_TRACK=True
 
 test: venv data ## Run the whole test suite (real PostgreSQL and Redis on loopback)
 	@$(TESTENV) && $(PY) -m pytest $(PYTEST_ARGS)
@@ -80,6 +81,9 @@ services-start: ## Start PostgreSQL and Redis on loopback (installs them if miss
 
 services-stop: ## Stop the loopback PostgreSQL and Redis
 	bash scripts/services.sh stop
+
+bench-serve: setup ## Serving benchmark: naive baseline vs the service vs the model-only ceiling
+	@$(STACK) && $(PY) benchmarks/serve_bench.py
 
 clean: ## Remove driftloop's local state (.driftloop/): models, runs, Airflow metadata
 	rm -rf .driftloop

@@ -243,6 +243,7 @@ def serve(
         str(port),
     ]
     typer.echo(f"serving on http://{host}:{port} (Ctrl-C stops)", err=True)
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage analytics from here
     os.chdir(REPO_ROOT)
     os.execv(cmd[0], cmd)
 

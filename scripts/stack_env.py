@@ -71,6 +71,7 @@ def stack_env(environ: dict[str, str]) -> dict[str, str]:
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "BENTOML_DO_NOT_TRACK": "True",
         "PYTHONPATH": str(REPO),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": (
             _pg_sibling(db, "airflow") if on_pg else f"sqlite:///{airflow_home / 'airflow.db'}"

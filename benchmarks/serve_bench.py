@@ -1,0 +1,756 @@
+"""Serving benchmark: naive baseline vs the driftloop service vs the model-only ceiling.
+
+Measured in one run, on this machine, with the same real tweets (``data/val.tsv``):
+
+1. **naive**: a plain FastAPI app calling a transformers ``pipeline("text-classification")`` once
+   per request (fp32, no batching), the common first attempt;
+2. **service**: ``bentoml serve bentos.sentiment.service:SentimentService`` (int8, micro-batched,
+   length-grouped), single-text requests from many concurrent clients;
+3. **ceiling**: the same served model's batched inference in this process, no HTTP.
+
+For both servers it measures requests/s and p50/p95/p99 latency at a fixed concurrency
+(closed loop), then offers open-loop Poisson load at fractions of that peak to find the highest
+throughput whose p95 stays under 100 ms, and the p95 at half the peak. It prints the ratios
+service/naive and service/ceiling and writes ``benchmarks/results/serve_bench.{json,md}`` with
+the machine described (``serve_bench_quick.*`` for a ``--quick`` smoke run).
+
+The model is the registry's champion when there is one, else all-MiniLM-L6-v2 with a fresh
+three-class head (speed does not depend on training). Requests carry ``Cache-Control: no-cache``
+so the service runs the model for every one of them. Every load loop is bounded in count and
+time and targets 127.0.0.1 only.
+
+Usage: ``python benchmarks/serve_bench.py [--quick]`` (``make bench-serve``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(REPO_ROOT))
+
+log = logging.getLogger("serve_bench")
+
+P95_TARGET_MS = 100.0
+MAX_IN_FLIGHT = 512  # open-loop safety bound
+REQUEST_TIMEOUT = 30.0
+
+
+# ------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class LoadResult:
+    """One load run against one server."""
+
+    mode: str  # "closed" (fixed concurrency) or "open" (fixed arrival rate)
+    concurrency: int | None
+    offered_rps: float | None
+    sent: int
+    ok: int
+    errors: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    error_kinds: list[str] = field(default_factory=list)
+    server_cpu_ms_per_request: float | None = None
+    client_cpu_ms_per_request: float | None = None
+
+
+@dataclass
+class ServerResult:
+    name: str
+    closed: LoadResult
+    steps: list[LoadResult] = field(default_factory=list)
+    best_rps_p95_under_target: float | None = None
+    p95_at_half_peak_ms: float | None = None
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def summarise(
+    mode: str,
+    latencies: list[float],
+    errors: list[str],
+    seconds: float,
+    *,
+    concurrency: int | None = None,
+    offered: float | None = None,
+) -> LoadResult:
+    ms = [x * 1000 for x in latencies]
+    return LoadResult(
+        mode=mode,
+        concurrency=concurrency,
+        offered_rps=offered,
+        sent=len(ms) + len(errors),
+        ok=len(ms),
+        errors=len(errors),
+        error_kinds=sorted(set(errors))[:5],
+        seconds=round(seconds, 2),
+        rps=round(len(ms) / seconds, 1) if seconds else 0.0,
+        p50_ms=round(percentile(ms, 50), 1),
+        p95_ms=round(percentile(ms, 95), 1),
+        p99_ms=round(percentile(ms, 99), 1),
+    )
+
+
+# --------------------------------------------------------------------------------------- load
+
+
+async def _one(
+    session: Any, url: str, text: str, latencies: list[float], errors: list[str]
+) -> None:
+    import aiohttp
+
+    started = time.perf_counter()
+    try:
+        async with session.post(
+            url, json={"texts": [text]}, headers={"Cache-Control": "no-cache"}
+        ) as resp:
+            await resp.read()
+            if resp.status != 200:
+                errors.append(f"HTTP {resp.status}")
+                return
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        errors.append(type(exc).__name__)
+        return
+    latencies.append(time.perf_counter() - started)
+
+
+def _session() -> Any:
+    import aiohttp
+
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=MAX_IN_FLIGHT),
+        timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT),
+    )
+
+
+async def closed_loop(
+    url: str, texts: list[str], concurrency: int, seconds: float, max_requests: int
+) -> LoadResult:
+    """``concurrency`` clients, each sending its next request when the last one returns."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    counter = iter(range(max_requests))
+    deadline = time.perf_counter() + seconds
+
+    async def client(session: Any) -> None:
+        for i in counter:
+            if time.perf_counter() >= deadline:
+                return
+            await _one(session, url, texts[i % len(texts)], latencies, errors)
+
+    async with _session() as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return summarise("closed", latencies, errors, elapsed, concurrency=concurrency)
+
+
+async def open_loop(
+    url: str, texts: list[str], rate: float, seconds: float, seed: int = 0
+) -> LoadResult:
+    """Poisson arrivals at ``rate`` per second for ``seconds`` (at most MAX_IN_FLIGHT open)."""
+    rng = random.Random(seed)
+    latencies: list[float] = []
+    errors: list[str] = []
+    tasks: set[asyncio.Task[None]] = set()
+    async with _session() as session:
+        started = time.perf_counter()
+        next_at = started
+        i = 0
+        while next_at < started + seconds:
+            now = time.perf_counter()
+            if next_at > now:
+                await asyncio.sleep(next_at - now)
+            if len(tasks) < MAX_IN_FLIGHT:
+                task = asyncio.create_task(
+                    _one(session, url, texts[i % len(texts)], latencies, errors)
+                )
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            else:
+                errors.append("client limit")
+            i += 1
+            next_at += rng.expovariate(rate)
+        if tasks:
+            await asyncio.wait(tasks, timeout=REQUEST_TIMEOUT)
+        elapsed = time.perf_counter() - started
+    return summarise("open", latencies, errors, elapsed, offered=round(rate, 1))
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and all its children."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return total
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def measure_server(
+    name: str,
+    url: str,
+    texts: list[str],
+    *,
+    concurrency: int,
+    seconds: float,
+    step_seconds: float,
+    fractions: list[float],
+    pid: int,
+) -> ServerResult:
+    asyncio.run(closed_loop(url, texts, concurrency, min(3.0, seconds), 10_000))  # warm-up
+    server_cpu, client_cpu = cpu_seconds(pid), time.process_time()
+    closed = asyncio.run(closed_loop(url, texts, concurrency, seconds, 100_000))
+    if closed.ok:
+        closed.server_cpu_ms_per_request = round(
+            (cpu_seconds(pid) - server_cpu) * 1000 / closed.ok, 2
+        )
+        closed.client_cpu_ms_per_request = round(
+            (time.process_time() - client_cpu) * 1000 / closed.ok, 2
+        )
+    log.info(
+        "%s closed loop c=%d: %.1f req/s, p50 %.1f ms, p95 %.1f ms, p99 %.1f ms, "
+        "server CPU %s ms/request, %d errors %s",
+        name,
+        concurrency,
+        closed.rps,
+        closed.p50_ms,
+        closed.p95_ms,
+        closed.p99_ms,
+        closed.server_cpu_ms_per_request,
+        closed.errors,
+        closed.error_kinds,
+    )
+    result = ServerResult(name=name, closed=closed)
+    for fraction in fractions:
+        step = asyncio.run(open_loop(url, texts, max(1.0, closed.rps * fraction), step_seconds))
+        log.info(
+            "%s open loop %.0f%% of peak (%.1f req/s offered): %.1f req/s, p95 %.1f ms, %d errors",
+            name,
+            fraction * 100,
+            step.offered_rps,
+            step.rps,
+            step.p95_ms,
+            step.errors,
+        )
+        result.steps.append(step)
+        if fraction == 0.5:
+            result.p95_at_half_peak_ms = step.p95_ms
+    good = [s.rps for s in result.steps if s.errors == 0 and s.p95_ms < P95_TARGET_MS]
+    if closed.errors == 0 and closed.p95_ms < P95_TARGET_MS:
+        good.append(closed.rps)
+    result.best_rps_p95_under_target = max(good) if good else None
+    return result
+
+
+# ------------------------------------------------------------------------------------ servers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """A server subprocess in its own process group, stopped on exit."""
+
+    def __init__(
+        self, name: str, cmd: list[str], env: dict[str, str], port: int, log_path: Path
+    ) -> None:
+        self.name = name
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}/predict"
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, path: str, timeout: float = 300) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited {self.proc.returncode}; see {self.log_path}"
+                )
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}{path}", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} not ready after {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+
+
+class NaiveBody(BaseModel):
+    texts: list[str]
+
+
+def run_naive_server(model_dir: str, port: int) -> None:
+    """The baseline: FastAPI + transformers pipeline, one pipeline call per request."""
+    import uvicorn
+    from fastapi import FastAPI
+    from transformers import pipeline
+
+    classifier = pipeline(
+        "text-classification", model=model_dir, tokenizer=model_dir, top_k=None, device="cpu"
+    )
+    app = FastAPI()
+
+    @app.post("/predict")
+    def predict(body: NaiveBody) -> dict[str, Any]:
+        out = classifier(body.texts)
+        return {
+            "predictions": [
+                {
+                    "label": max(scores, key=lambda s: s["score"])["label"],
+                    "scores": {s["label"]: s["score"] for s in scores},
+                }
+                for scores in out
+            ]
+        }
+
+    @app.get("/ready")
+    def ready() -> dict[str, bool]:
+        return {"ready": True}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+# -------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelChoice:
+    source: str  # "champion vN" or "untrained MiniLM + fresh head"
+    model_dir: Path
+    trained: bool
+    registry_env: dict[str, str]
+
+
+def choose_model(work: Path) -> ModelChoice:
+    """The champion from the project's registry, else base MiniLM with a fresh head registered in
+    a throwaway registry (the project's registry is never written)."""
+    from ml import registry
+    from ml.modeling import load_tokenizer, new_classifier, save_model
+    from ml.settings import get_settings
+
+    settings = get_settings()
+    champion = None
+    try:
+        champion = registry.get_alias("champion")
+    except Exception as exc:  # noqa: BLE001 - no registry yet
+        log.info("no usable registry (%s)", exc)
+    if champion is not None:
+        path = registry.download_model(champion.version, dst=work / "champion")
+        return ModelChoice(
+            f"champion v{champion.version}",
+            path,
+            True,
+            {"MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri},
+        )
+    log.info("no champion: benchmarking untrained all-MiniLM-L6-v2 with a fresh 3-class head")
+    path = save_model(new_classifier(), load_tokenizer(), work / "base")
+    env = {
+        "DRIFTLOOP_HOME": str(work / "home"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+        "DATABASE_URL": f"sqlite:///{work / 'driftloop.db'}",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    get_settings.cache_clear()
+    try:
+        version = registry.register_model_dir(path, reason="serving benchmark")
+        registry.set_alias("champion", version.version, actor="serve_bench", reason="benchmark")
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        get_settings.cache_clear()
+    return ModelChoice(
+        "untrained all-MiniLM-L6-v2 + fresh 3-class head",
+        path,
+        False,
+        {"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]},
+    )
+
+
+def measure_ceiling(model_dir: Path, texts: list[str], seconds: float) -> dict[str, Any]:
+    """The served model (int8, length-sorted batches of 32) with no HTTP: texts per second.
+
+    Measured with one torch thread and with one per core; the ceiling is the faster of the two.
+    """
+    from ml.inference import load_for_serving, set_torch_threads
+    from ml.params import load_params
+
+    params = load_params()
+    served = load_for_serving(
+        model_dir, name="bench", version="0", max_length=params.evaluate.max_length, batch_size=32
+    )
+    default_threads = set_torch_threads(None)
+    runs = []
+    for threads in sorted({1, len(os.sched_getaffinity(0))}):
+        set_torch_threads(threads)
+        served.predict(texts[:64])
+        done = 0
+        cpu = time.process_time()
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds and done < 50_000:
+            chunk = texts[(done % len(texts)) :][:256] or texts[:256]
+            served.predict(chunk)
+            done += len(chunk)
+        elapsed = time.perf_counter() - started
+        runs.append(
+            {
+                "torch_threads": threads,
+                "texts_per_s": round(done / elapsed, 1),
+                "texts": done,
+                "seconds": round(elapsed, 2),
+                "cpu_ms_per_text": round((time.process_time() - cpu) * 1000 / done, 2),
+            }
+        )
+        log.info("model only, %d thread(s): %.1f texts/s", threads, runs[-1]["texts_per_s"])
+    set_torch_threads(default_threads)
+    best = max(runs, key=lambda r: r["texts_per_s"])
+    return {**best, "precision": served.precision, "batch_size": 32, "runs": runs}
+
+
+def accuracy_check(model_dir: Path, texts: list[str], labels: list[str]) -> dict[str, Any]:
+    """Macro-recall of the fp32 model and of the int8 model that serves, on the same texts."""
+    import numpy as np
+    from sklearn.metrics import recall_score
+
+    from ml.inference import load_for_serving, set_torch_threads
+    from ml.params import LABELS
+
+    default_threads = set_torch_threads(1)  # correctness only; one thread is robust to neighbours
+    out: dict[str, Any] = {}
+    preds = {}
+    for precision in ("fp32", "int8"):
+        model = load_for_serving(model_dir, name="bench", version="0", precision=precision)
+        probs = model.predict(texts)
+        preds[precision] = np.asarray(LABELS)[probs.argmax(axis=1)]
+        out[f"macro_recall_{precision}"] = round(
+            float(recall_score(labels, preds[precision], average="macro", labels=list(LABELS))), 4
+        )
+    out["agreement"] = round(float((preds["fp32"] == preds["int8"]).mean()), 4)
+    out["delta_points"] = round(100 * (out["macro_recall_int8"] - out["macro_recall_fp32"]), 2)
+    set_torch_threads(default_threads)
+    return out
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    import bentoml
+    import transformers
+
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_gib": mem,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+        "bentoml": bentoml.__version__,
+        "os": platform.platform(),
+        "git_commit": commit or None,
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+# -------------------------------------------------------------------------------------- main
+
+
+def write_results(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "serve_bench_quick" if result["quick"] else "serve_bench"  # a smoke run never
+    json_path = out_dir / f"{stem}.json"  # overwrites the full run's results
+    md_path = out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    m, r = result["machine"], result["ratios"]
+    naive, svc = result["naive"], result["service"]
+    lines = [
+        "# Serving benchmark",
+        "",
+        f"Run {result['started_at']} ({'quick smoke run' if result['quick'] else 'full run'}), "
+        f"model: {result['model']}.",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']}, "
+        f"load average at start {m['load_average_at_start']}.",
+        "",
+        f"| | req/s at c={result['concurrency']} | p50 ms | p95 ms | p99 ms | "
+        f"best req/s with p95 < {P95_TARGET_MS:.0f} ms | p95 at half peak |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, s in (("naive FastAPI + pipeline", naive), ("driftloop service", svc)):
+        c = s["closed"]
+        lines.append(
+            f"| {name} | {c['rps']} | {c['p50_ms']} | {c['p95_ms']} | {c['p99_ms']} | "
+            f"{s['best_rps_p95_under_target']} | {s['p95_at_half_peak_ms']} |"
+        )
+    ceiling = result["ceiling"]
+    lines += [
+        f"| model only (no HTTP) | {ceiling['texts_per_s']} texts/s | | | | | |",
+        "",
+        f"- service / naive throughput: **{r['service_over_naive']}x** (target >= 4x)",
+        f"- service / model-only ceiling: **{r['service_over_ceiling']:.0%}** (target >= 60%)",
+        f"- service p95 at half of its peak: **{svc['p95_at_half_peak_ms']} ms** "
+        f"(target < {P95_TARGET_MS:.0f} ms)",
+    ]
+    if result.get("accuracy"):
+        a = result["accuracy"]
+        lines.append(
+            f"- int8 vs fp32 macro-recall on {a['texts']} val tweets: "
+            f"{a['macro_recall_int8']} vs {a['macro_recall_fp32']} "
+            f"({a['delta_points']:+} points; {a['agreement']:.1%} same labels)"
+        )
+    lines += [
+        "",
+        "Open-loop steps (Poisson arrivals at a share of the closed-loop peak):",
+        "",
+        "| server | offered req/s | served req/s | p50 ms | p95 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, s in (("naive", naive), ("service", svc)):
+        for step in s["steps"]:
+            lines.append(
+                f"| {name} | {step['offered_rps']} | {step['rps']} | {step['p50_ms']} | "
+                f"{step['p95_ms']} | {step['p99_ms']} | {step['errors']} |"
+            )
+    md_path.write_text("\n".join(lines) + "\n")
+    return json_path, md_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+    naive = sub.add_parser("naive-server", help="run the baseline server (used by the bench)")
+    naive.add_argument("--model-dir", required=True)
+    naive.add_argument("--port", type=int, required=True)
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=None, help="closed-loop duration")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument(
+        "--service-threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS for the service (default: torch's choice)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.command == "naive-server":
+        run_naive_server(args.model_dir, args.port)
+        return 0
+
+    import pandas as pd
+
+    seconds = args.seconds or (5.0 if args.quick else 20.0)
+    step_seconds = 4.0 if args.quick else 10.0
+    fractions = [0.5, 0.9] if args.quick else [0.25, 0.5, 0.75, 0.9]
+    val = pd.read_csv(REPO_ROOT / "data" / "val.tsv", sep="\t", keep_default_na=False)
+    texts = [t for t in val["text"].tolist() if t.strip()]
+    random.Random(0).shuffle(texts)
+    result: dict[str, Any] = {
+        "started_at": datetime.now(tz=UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "quick": args.quick,
+        "concurrency": args.concurrency,
+        "closed_loop_seconds": seconds,
+        "step_seconds": step_seconds,
+        "texts": len(texts),
+    }
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+        work = Path(tmp)
+        choice = choose_model(work)
+        result["model"] = choice.source
+        print(f"model: {choice.source}; {len(texts)} val tweets; concurrency {args.concurrency}")
+
+        result["ceiling"] = measure_ceiling(choice.model_dir, texts, 8.0 if args.quick else 20.0)
+        print(f"model-only ceiling: {result['ceiling']['texts_per_s']} texts/s (int8, batched)")
+        if choice.trained and not args.skip_accuracy:
+            subset = val[val["text"].str.strip() != ""].head(500 if args.quick else len(val))
+            result["accuracy"] = {
+                **accuracy_check(
+                    choice.model_dir, subset["text"].tolist(), subset["label"].tolist()
+                ),
+                "texts": len(subset),
+            }
+
+        base_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "PYTHONWARNINGS": "ignore"}
+        port = free_port()
+        naive_server = Server(
+            "naive",
+            [
+                sys.executable,
+                __file__,
+                "naive-server",
+                "--model-dir",
+                str(choice.model_dir),
+                "--port",
+                str(port),
+            ],
+            base_env,
+            port,
+            work / "naive.log",
+        )
+        try:
+            naive_server.wait_ready("/ready")
+            result["naive"] = asdict(
+                measure_server(
+                    "naive",
+                    naive_server.url,
+                    texts,
+                    concurrency=args.concurrency,
+                    seconds=seconds,
+                    step_seconds=step_seconds,
+                    fractions=fractions,
+                    pid=naive_server.proc.pid,
+                )
+            )
+        finally:
+            naive_server.stop()
+
+        port = free_port()
+        env = {
+            **base_env,
+            **choice.registry_env,
+            "DRIFTLOOP_HOME": str(work / "service-home"),
+            "DATABASE_URL": f"sqlite:///{work / 'service-log.db'}",
+            "DRIFTLOOP_RATE_LIMIT": "0",
+            "BENTOML_HOME": str(work / "bentoml"),
+        }
+        for key in ("REDIS_URL", "DRIFTLOOP_API_KEYS"):
+            env.pop(key, None)
+        if args.service_threads:
+            env["OMP_NUM_THREADS"] = str(args.service_threads)
+        service = Server(
+            "service",
+            [
+                str(Path(sys.executable).parent / "bentoml"),
+                "serve",
+                "bentos.sentiment.service:SentimentService",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env,
+            port,
+            work / "service.log",
+        )
+        try:
+            service.wait_ready("/readyz")
+            result["service"] = asdict(
+                measure_server(
+                    "service",
+                    service.url,
+                    texts,
+                    concurrency=args.concurrency,
+                    seconds=seconds,
+                    step_seconds=step_seconds,
+                    fractions=fractions,
+                    pid=service.proc.pid,
+                )
+            )
+        finally:
+            service.stop()
+
+    svc, nv = result["service"]["closed"]["rps"], result["naive"]["closed"]["rps"]
+    result["ratios"] = {
+        "service_over_naive": round(svc / nv, 2) if nv else None,
+        "service_over_ceiling": round(svc / result["ceiling"]["texts_per_s"], 3),
+    }
+    json_path, md_path = write_results(result, args.out)
+    print(md_path.read_text())
+    print(f"results: {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""BentoML services of driftloop (the only place besides the CLI that imports bentoml)."""

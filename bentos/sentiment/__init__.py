@@ -1,0 +1,1 @@
+"""The sentiment service: ``bentoml serve bentos.sentiment.service:SentimentService``."""

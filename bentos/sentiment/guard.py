@@ -1,0 +1,364 @@
+"""The service's front door: API keys, rate limits, body limits and input validation.
+
+An ASGI middleware in front of ``/predict``, ``/feedback`` and ``/admin/*``. It answers every
+client mistake itself with a 4xx and a message that names the problem, before the request reaches
+BentoML's parser or the model, so no client error can become a 500:
+
+* ``401`` without ``X-API-Key`` and ``403`` with a wrong one (when ``DRIFTLOOP_API_KEYS`` is set);
+* ``429`` past ``DRIFTLOOP_RATE_LIMIT`` requests per minute per key (per address without keys);
+* ``413`` for a body over ``DRIFTLOOP_MAX_BODY_BYTES``;
+* ``400`` for an empty body, invalid UTF-8 or malformed JSON (the body is read as JSON whatever
+  its ``Content-Type``, so ``curl -d`` works, and is passed on labelled ``application/json``);
+* ``422`` for the wrong shape: missing or unknown fields, wrong types, an empty list, too many
+  texts, an over-long or empty text, an unknown feedback label.
+
+The validated body is replayed unchanged to the application behind.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ml.params import LABELS
+from ml.ratelimit import RateLimiter, make_rate_limiter
+from ml.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Any]
+Send = Callable[[Message], Any]
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The request limits from the settings."""
+
+    max_texts: int
+    max_chars: int
+    max_body_bytes: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(
+            settings.max_texts_per_request, settings.max_chars_per_text, settings.max_body_bytes
+        )
+
+
+class ClientError(Exception):
+    """A request the client must fix: HTTP ``status`` and a message naming the problem."""
+
+    def __init__(self, status: int, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason
+
+
+def _type_name(value: Any) -> str:
+    return {
+        dict: "object",
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+def _check_fields(obj: Any, required: tuple[str, ...], example: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise ClientError(
+            422,
+            f"the body must be a JSON object like {example}, not a JSON {_type_name(obj)}",
+            "wrong_type",
+        )
+    missing = [f for f in required if f not in obj]
+    if missing:
+        raise ClientError(422, f"missing field {missing[0]!r}: send {example}", "missing_field")
+    unknown = sorted(set(obj) - set(required))
+    if unknown:
+        raise ClientError(
+            422,
+            f"unknown field(s) {', '.join(map(repr, unknown))}: send only {example}",
+            "unknown_field",
+        )
+    return obj
+
+
+def _check_text(value: Any, where: str, limits: Limits) -> None:
+    if not isinstance(value, str):
+        raise ClientError(422, f"{where} must be a string, got {_type_name(value)}", "wrong_type")
+    if not value.strip():
+        raise ClientError(422, f"{where} is empty: send some text to classify", "empty_text")
+    if len(value) > limits.max_chars:
+        raise ClientError(
+            422,
+            f"{where} has {len(value)} characters; the limit is {limits.max_chars}",
+            "text_too_long",
+        )
+    if "\x00" in value:
+        raise ClientError(422, f"{where} contains a NUL character (\\u0000)", "invalid_text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ClientError(
+            400,
+            f"{where} is not valid Unicode (a lone surrogate \\u{ord(value[exc.start]):04x} "
+            f"at position {exc.start})",
+            "invalid_unicode",
+        ) from None
+
+
+def validate_predict(obj: Any, limits: Limits) -> list[str]:
+    """Check a ``/predict`` body; return its texts or raise :class:`ClientError`."""
+    body = _check_fields(obj, ("texts",), '{"texts": ["some text", ...]}')
+    texts = body["texts"]
+    if not isinstance(texts, list):
+        hint = (
+            ' (wrap a single text in a list: {"texts": ["..."]})' if isinstance(texts, str) else ""
+        )
+        raise ClientError(
+            422, f"'texts' must be an array of strings, got {_type_name(texts)}{hint}", "wrong_type"
+        )
+    if not texts:
+        raise ClientError(422, "'texts' is empty: send at least one text", "empty_list")
+    if len(texts) > limits.max_texts:
+        raise ClientError(
+            422,
+            f"too many texts: {len(texts)} in one request; the limit is {limits.max_texts}",
+            "too_many_texts",
+        )
+    for i, text in enumerate(texts):
+        _check_text(text, f"texts[{i}]", limits)
+    return texts
+
+
+def validate_feedback(obj: Any) -> tuple[str, str]:
+    """Check a ``/feedback`` body; return ``(request_id, label)`` or raise :class:`ClientError`."""
+    body = _check_fields(
+        obj, ("request_id", "label"), '{"request_id": "...", "label": "negative|neutral|positive"}'
+    )
+    request_id, label = body["request_id"], body["label"]
+    if not isinstance(request_id, str):
+        raise ClientError(
+            422, f"'request_id' must be a string, got {_type_name(request_id)}", "wrong_type"
+        )
+    if not REQUEST_ID.fullmatch(request_id):
+        raise ClientError(
+            422,
+            "'request_id' is not a request id: use the request_id returned by /predict",
+            "invalid_request_id",
+        )
+    if not isinstance(label, str):
+        raise ClientError(422, f"'label' must be a string, got {_type_name(label)}", "wrong_type")
+    if label not in LABELS:
+        raise ClientError(
+            422, f"unknown label {label!r}: expected one of {', '.join(LABELS)}", "unknown_label"
+        )
+    return request_id, label
+
+
+def parse_json(body: bytes) -> Any:
+    """Decode a request body as UTF-8 JSON or raise :class:`ClientError` saying where it broke."""
+    if not body.strip():
+        raise ClientError(400, "empty request body: send a JSON object", "empty_body")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ClientError(
+            400,
+            f"the body is not valid UTF-8 (byte 0x{body[exc.start]:02x} at offset {exc.start})",
+            "invalid_utf8",
+        ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ClientError(
+            400,
+            f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            "malformed_json",
+        ) from None
+    except RecursionError:
+        raise ClientError(400, "malformed JSON: nested too deeply", "malformed_json") from None
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def send_json(
+    send: Send,
+    status: int,
+    payload: dict[str, Any],
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    data = json.dumps(payload).encode("utf-8")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
+
+
+class RequestGuard:
+    """ASGI middleware guarding driftloop's endpoints (see the module docstring).
+
+    Args:
+        app: The application behind.
+        settings: Keys and limits; :func:`ml.settings.get_settings` when None.
+        on_reject: Called with ``(endpoint, status, reason)`` for every rejected request.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        settings: Settings | None = None,
+        on_reject: Callable[[str, int, str], None] | None = None,
+    ) -> None:
+        self.app = app
+        self.settings = settings or get_settings()
+        self.keys = self.settings.api_key_set
+        self.limits = Limits.from_settings(self.settings)
+        self.on_reject = on_reject
+        self._limiter: RateLimiter | None = None
+
+    @property
+    def limiter(self) -> RateLimiter:
+        if self._limiter is None:
+            self._limiter = make_rate_limiter(
+                self.settings.redis_url, self.settings.rate_limit_per_minute
+            )
+        return self._limiter
+
+    @staticmethod
+    def endpoint(path: str) -> str | None:
+        """The guarded endpoint a path belongs to, or None for open paths."""
+        if path in ("/predict", "/feedback"):
+            return path[1:]
+        if path == "/admin" or path.startswith("/admin/"):
+            return "admin"
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = self.endpoint(scope.get("path", "")) if scope["type"] == "http" else None
+        if endpoint is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            key = self._authenticate(scope)
+            self._rate_limit(scope, key)
+            if scope.get("method") != "POST":
+                await self.app(scope, receive, send)  # the router answers 405
+                return
+            body = await self._read_body(scope, receive)
+            if endpoint != "admin":
+                obj = parse_json(body)
+                if endpoint == "predict":
+                    validate_predict(obj, self.limits)
+                else:
+                    validate_feedback(obj)
+        except ClientError as exc:
+            if self.on_reject is not None:
+                try:
+                    self.on_reject(endpoint, exc.status, exc.reason)
+                except Exception:  # noqa: BLE001 - metrics never fail a request
+                    log.exception("reject callback failed")
+            headers = getattr(exc, "headers", None)
+            await send_json(send, exc.status, {"error": exc.message}, headers)
+            return
+        except _Disconnected:
+            return
+        if endpoint != "admin":
+            headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, _replay(body, receive), send)
+
+    def _authenticate(self, scope: Scope) -> str | None:
+        key = _header(scope, b"x-api-key")
+        if not self.keys:
+            return key
+        if not key:
+            raise ClientError(
+                401, "missing X-API-Key header: this endpoint needs an API key", "no_api_key"
+            )
+        if not any(hmac.compare_digest(key.encode(), k.encode()) for k in self.keys):
+            raise ClientError(403, "invalid API key", "bad_api_key")
+        return key
+
+    def _rate_limit(self, scope: Scope, key: str | None) -> None:
+        if self.settings.rate_limit_per_minute <= 0:
+            return
+        who = f"key:{key}" if key else f"addr:{(scope.get('client') or ('unknown',))[0]}"
+        decision = self.limiter.hit(who)
+        if not decision.allowed:
+            retry = max(1, round(decision.retry_after_seconds))
+            exc = ClientError(
+                429,
+                f"rate limit of {decision.limit} requests per minute exceeded; retry in {retry} s",
+                "rate_limited",
+            )
+            exc.headers = [(b"retry-after", str(retry).encode())]  # type: ignore[attr-defined]
+            raise exc
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.limits.max_body_bytes
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ClientError(
+                413,
+                f"request body of {int(declared)} bytes is over the limit of {limit} bytes",
+                "body_too_large",
+            )
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise ClientError(
+                    413, f"request body is over the limit of {limit} bytes", "body_too_large"
+                )
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+class _Disconnected(Exception):
+    """The client went away before sending its whole body."""
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

@@ -1,0 +1,90 @@
+"""driftloop's Prometheus metrics, served on BentoML's ``/metrics`` next to BentoML's own.
+
+Created on first use, never on import: BentoML sets ``PROMETHEUS_MULTIPROC_DIR`` in each worker
+after the service module is imported, and ``prometheus_client`` must see it when a metric is made.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class ServiceMetrics:
+    """The counters and histograms the service updates."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.predictions = Counter(
+            "driftloop_predictions",
+            "Predictions served, by label and model version",
+            ["label", "model_version"],
+        )
+        self.latency = Histogram(
+            "driftloop_request_latency_seconds",
+            "Time spent in a driftloop endpoint",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+        )
+        self.batch_texts = Histogram(
+            "driftloop_batch_size",
+            "Texts per inference batch run",
+            buckets=BATCH_BUCKETS,
+        )
+        self.batch_requests = Histogram(
+            "driftloop_batch_requests",
+            "Requests gathered into one inference batch run",
+            buckets=BATCH_BUCKETS,
+        )
+        self.inference = Histogram(
+            "driftloop_inference_seconds",
+            "Time of one inference batch run",
+            buckets=LATENCY_BUCKETS,
+        )
+        self.cache = Counter(
+            "driftloop_cache_lookups",
+            "Prediction cache lookups by result",
+            ["result"],
+        )
+        self.errors = Counter(
+            "driftloop_errors",
+            "Requests answered with an error, by endpoint, status and reason",
+            ["endpoint", "status", "reason"],
+        )
+        self.inference_errors = Counter(
+            "driftloop_inference_errors",
+            "Requests whose inference failed, by model version",
+            ["model_version"],
+        )
+        self.swaps = Counter(
+            "driftloop_model_swaps",
+            "Model versions swapped in, by alias",
+            ["alias"],
+        )
+        self.load_failures = Counter(
+            "driftloop_model_load_failures",
+            "Model versions that failed to load",
+        )
+        self.canary_share = Gauge(
+            "driftloop_canary_share",
+            "Share of requests routed to the challenger",
+            multiprocess_mode="mostrecent",
+        )
+
+    def error(self, endpoint: str, status: int, reason: str) -> None:
+        self.errors.labels(endpoint=endpoint, status=str(status), reason=reason).inc()
+
+    def observe_batch(self, stats: Any) -> None:
+        self.batch_texts.observe(stats.texts)
+        self.batch_requests.observe(stats.requests)
+        self.inference.observe(stats.seconds)
+
+
+@lru_cache(maxsize=1)
+def service_metrics() -> ServiceMetrics:
+    """The process's metrics, made once."""
+    return ServiceMetrics()

@@ -1,0 +1,342 @@
+"""driftloop's sentiment service (BentoML 1.4).
+
+Serves the registered model that the MLflow alias ``champion`` points at, and a share of the
+requests to ``challenger`` when a canary is set. Start it with::
+
+    bentoml serve bentos.sentiment.service:SentimentService --port 3000
+
+Endpoints (JSON):
+
+* ``POST /predict`` ``{"texts": [...]}`` -> ``{"predictions": [{"label", "scores",
+  "request_id", "model_version"}], "model_version"}``
+* ``POST /feedback`` ``{"request_id": "...", "label": "negative"}`` stores the true label.
+* ``GET /model``: the champion and challenger being served, their metrics and traffic shares.
+* ``POST /admin/reload``: check the registry now (the DAG calls it after moving an alias).
+* BentoML's ``/healthz``, ``/livez``, ``/readyz`` and ``/metrics`` (with driftloop's metrics).
+
+How a request flows: :mod:`bentos.sentiment.guard` checks the API key, rate limit, body size and
+input first (4xx with a message that names the problem); ``predict`` picks champion or challenger
+(canary routing is per request), looks the texts up in the cache, sends the misses to the model
+process and logs every prediction off the request path.
+
+Inference runs in a child process (:class:`ml.inference.ModelProcess`) with its own micro-batcher:
+in this process the transformers forward pass would fight the HTTP event loop for Python's GIL
+(measured: ~240 -> ~60 texts/s). The batcher gathers the texts of concurrent requests (at most
+``MAX_BATCH_TEXTS``, the first waiting at most ``MAX_LATENCY_MS``), sorts them by token length
+into forward passes of ``BATCH_SIZE`` and answers each request as soon as its pass is done.
+BentoML's own ``batchable=True`` is not used: a batchable API must answer one output per input
+item, which cannot carry the response envelope, the per-request canary choice or the cache, and
+its dispatcher cancels queued requests with 503 when it predicts a latency overrun.
+
+The pieces live in the library (:mod:`ml.inference`, :mod:`ml.cache`, :mod:`ml.ratelimit`,
+:mod:`ml.predlog`); this module wires them to HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import OrderedDict
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import bentoml
+from fastapi import FastAPI
+from pydantic import BaseModel, Field
+from starlette.responses import JSONResponse
+
+from bentos.sentiment.guard import RequestGuard
+from bentos.sentiment.metrics import service_metrics
+from ml.settings import get_settings
+
+log = logging.getLogger("driftloop.serve")
+
+# BentoML's usage analytics would try to reach the internet from every process that imports this
+# module (the serve command, its workers). Set it before `bentoml serve` too: the CLI reads it once.
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+
+# Batching: how many texts one inference run gathers at most, and how long the first request of a
+# batch may wait for company. Texts are then cut into length-sorted forward passes of BATCH_SIZE.
+MAX_BATCH_TEXTS = 32
+MAX_LATENCY_MS = 5.0
+BATCH_SIZE = 16
+RECENT_IDS = 200_000  # request ids remembered in memory, so feedback needs no database read
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+admin_app = FastAPI(title="driftloop admin", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+class Prediction(BaseModel):
+    label: Literal["negative", "neutral", "positive"]
+    scores: dict[str, float] = Field(description="Probability of each label")
+    request_id: str = Field(description="Quote it in /feedback to report the true label")
+    model_version: str = Field(description="The registered model version that answered")
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Prediction]
+    model_version: str = Field(description="The registered model version that answered")
+
+
+class FeedbackResponse(BaseModel):
+    request_id: str
+    label: str
+    status: Literal["recorded", "queued"]
+
+
+def _resources() -> dict[str, Any]:
+    # A GPU resource only reserves the device; ml.inference.serving_device moves the model there.
+    return {"gpu": 1} if get_settings().serve_gpu else {}
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+@bentoml.service(
+    name="driftloop-sentiment",
+    workers=1,
+    traffic={"timeout": 60},
+    resources=_resources(),
+)
+@bentoml.asgi_app(admin_app, path="/")
+class SentimentService:
+    """Loads the champion, keeps it in step with the registry, and answers predictions."""
+
+    def __init__(self) -> None:
+        # Nothing is ever fetched from a model hub; tokenizer threads would fight the model's.
+        for key, value in OFFLINE_ENV.items():
+            os.environ.setdefault(key, value)
+        # BentoML shows WARNING and up of loggers other than its own; swaps, loads and outages
+        # logged at INFO by driftloop belong in the server log too.
+        for name in ("driftloop", "ml", "bentos"):
+            if logging.getLogger(name).level == logging.NOTSET:
+                logging.getLogger(name).setLevel(logging.INFO)
+
+        from ml.cache import make_cache
+        from ml.inference import (
+            ModelPool,
+            ModelProcess,
+            registry_loader,
+            registry_resolver,
+            serving_threads,
+        )
+        from ml.params import load_params
+        from ml.predlog import PredictionLog
+
+        settings = get_settings()
+        params = load_params()
+        self.settings = settings
+        self.metrics = service_metrics()
+        # Inference runs in a child process: in this one it would fight the HTTP loop for the GIL.
+        self.models = ModelProcess(
+            max_batch_size=MAX_BATCH_TEXTS,
+            max_latency_ms=MAX_LATENCY_MS,
+            threads=None if settings.serve_gpu else serving_threads(),
+            on_batch=self.metrics.observe_batch,
+        ).start()
+        self.pool = ModelPool(
+            resolve=registry_resolver(settings.model_name),
+            load=registry_loader(
+                self.models.loader(
+                    device_setting=settings.device,
+                    gpu=settings.serve_gpu,
+                    max_length=params.evaluate.max_length,
+                    batch_size=BATCH_SIZE,
+                ),
+                work_dir=settings.work_dir,
+            ),
+            # The model process warms each version up before it answers that it is loaded.
+            release=self.models.release,
+            default_canary_share=settings.canary_share,
+            poll_seconds=settings.registry_poll_seconds,
+            on_refresh=self._on_refresh,
+        )
+        result = self.pool.refresh()
+        if self.pool.state.champion is None:
+            log.error(
+                "no champion to serve yet (%s); /predict answers 503 until the registry has one",
+                result.error or "the alias 'champion' is not set",
+            )
+        self.pool.start()
+        self.cache = make_cache(settings.redis_url)
+        self.predlog = PredictionLog(
+            settings.database_url, settings.home / "spool" / "predictions"
+        ).start()
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        log.info(
+            "serving %s: champion v%s, challenger %s (share %.2f); registry checked every %.0f s",
+            settings.model_name,
+            result.champion,
+            f"v{result.challenger}" if result.challenger else "none",
+            result.canary_share,
+            settings.registry_poll_seconds,
+        )
+
+    def _on_refresh(self, result: Any) -> None:
+        for change in result.swapped:
+            self.metrics.swaps.labels(alias=change.split(":", 1)[0]).inc()
+        if result.load_failures:
+            self.metrics.load_failures.inc(result.load_failures)
+        self.metrics.canary_share.set(result.canary_share)
+
+    def __is_ready__(self) -> bool:
+        return self.models.alive and self.pool.state.champion is not None
+
+    def __is_alive__(self) -> bool:
+        return self.models.alive
+
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        self.pool.stop()
+        self.models.close()
+        stats = self.predlog.close()
+        log.info(
+            "prediction log closed: %d rows written, %d spooled for the next start",
+            stats.written,
+            stats.spooled,
+        )
+
+    def _remember(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self._recent[rid] = None
+        while len(self._recent) > RECENT_IDS:
+            self._recent.popitem(last=False)
+
+    @bentoml.api(route="/predict")
+    async def predict(self, texts: list[str], ctx: bentoml.Context) -> PredictResponse:
+        """Classify tweets; each prediction carries a request id for ``/feedback``."""
+        from ml.params import LABELS
+        from ml.predlog import PredictionRecord, new_request_id
+
+        started = time.perf_counter()
+        state = self.pool.state
+        if state.champion is None:
+            self.metrics.error("predict", 503, "no_model")
+            return _error(
+                503,
+                "no model is being served yet: the registry has no loadable "
+                "champion (see GET /model)",
+            )
+        model = state.route(1, self.pool.rng)[0]  # canary routing is per request
+        use_cache = "no-cache" not in ctx.request.headers.get("cache-control", "").lower()
+        found = self.cache.get_many(model.key, texts) if use_cache else [None] * len(texts)
+        missing = [i for i, hit in enumerate(found) if hit is None]
+        hits = len(texts) - len(missing)
+        if use_cache:
+            if hits:
+                self.metrics.cache.labels(result="hit").inc(hits)
+            if missing:
+                self.metrics.cache.labels(result="miss").inc(len(missing))
+        scores: list[Any] = list(found)
+        if missing:
+            miss_texts = [texts[i] for i in missing]
+            try:
+                probs = await asyncio.wrap_future(self.models.submit(model.key, miss_texts))
+            except Exception:
+                log.exception("inference failed for %s", model.key)
+                self.metrics.error("predict", 500, "inference_failed")
+                self.metrics.inference_errors.labels(model_version=model.version).inc()
+                return _error(500, "the model failed on this request; it is logged")
+            fresh = [tuple(float(p) for p in row) for row in probs]
+            for i, row in zip(missing, fresh, strict=True):
+                scores[i] = row
+            self.cache.put_many(model.key, list(zip(miss_texts, fresh, strict=True)))
+
+        latency_ms = (time.perf_counter() - started) * 1000
+        now = datetime.now(tz=UTC)
+        missing_set = set(missing)
+        predictions: list[Prediction] = []
+        records: list[PredictionRecord] = []
+        for i, (text, row) in enumerate(zip(texts, scores, strict=True)):
+            best = max(range(len(LABELS)), key=row.__getitem__)
+            label = LABELS[best]
+            rid = new_request_id()
+            predictions.append(
+                Prediction(
+                    label=label,  # type: ignore[arg-type]
+                    scores={name: round(float(p), 6) for name, p in zip(LABELS, row, strict=True)},
+                    request_id=rid,
+                    model_version=model.version,
+                )
+            )
+            records.append(
+                PredictionRecord(
+                    request_id=rid,
+                    at=now,
+                    model_name=model.name,
+                    model_version=model.version,
+                    text=text,
+                    label=label,
+                    scores=tuple(row),
+                    latency_ms=latency_ms,
+                    cached=i not in missing_set,
+                )
+            )
+            self.metrics.predictions.labels(label=label, model_version=model.version).inc()
+        self.predlog.log_predictions(records)
+        self._remember([r.request_id for r in records])
+        self.metrics.latency.labels(endpoint="predict").observe(time.perf_counter() - started)
+        return PredictResponse(predictions=predictions, model_version=model.version)
+
+    @bentoml.api(route="/feedback")
+    async def feedback(
+        self, request_id: str, label: Literal["negative", "neutral", "positive"]
+    ) -> FeedbackResponse:
+        """Report the true label of a logged prediction (feeds the quality monitoring)."""
+        from ml.predlog import FeedbackRecord
+
+        started = time.perf_counter()
+        known: bool | None = True
+        if request_id not in self._recent:
+            known = await asyncio.to_thread(self.predlog.has_prediction, request_id)
+        if known is False:
+            self.metrics.error("feedback", 404, "unknown_request_id")
+            return _error(404, f"no prediction with request_id {request_id!r}")
+        self.predlog.log_feedback(FeedbackRecord(request_id=request_id, label=label))
+        self.metrics.latency.labels(endpoint="feedback").observe(time.perf_counter() - started)
+        # "queued": the database could not confirm the id right now; the label is kept anyway.
+        return FeedbackResponse(
+            request_id=request_id, label=label, status="recorded" if known else "queued"
+        )
+
+    @admin_app.get("/model")
+    def model_info(self) -> dict[str, Any]:
+        """The versions being served, their metrics and traffic shares."""
+        stats = self.predlog.stats()
+        cache = self.cache.stats()
+        return {
+            **self.pool.state.describe(),
+            "registry_poll_seconds": self.settings.registry_poll_seconds,
+            "cache": {
+                "backend": cache.backend,
+                "available": cache.available,
+                "hits": cache.hits,
+                "misses": cache.misses,
+            },
+            "prediction_log": {
+                "pending": stats.pending,
+                "spooled": stats.spooled,
+                "written": stats.written,
+                "database_ok": stats.database_ok,
+            },
+        }
+
+    @admin_app.post("/admin/reload")
+    def reload(self) -> dict[str, Any]:
+        """Check the registry now and swap in whatever the aliases point at."""
+        result = self.pool.refresh_now(force=True)
+        return {**result.to_dict(), "state": self.pool.state.describe()}
+
+
+def _reject(endpoint: str, status: int, reason: str) -> None:
+    service_metrics().error(endpoint, status, reason)
+
+
+SentimentService.add_asgi_middleware(RequestGuard, on_reject=_reject)

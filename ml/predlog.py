@@ -1,0 +1,473 @@
+"""The prediction and feedback log in ``DATABASE_URL``, written off the request path.
+
+The service hands rows to :class:`PredictionLog`, which returns at once; a background thread
+writes them in batches. The request id is the primary key and every insert is idempotent
+(``ON CONFLICT DO NOTHING`` for predictions, latest label wins for feedback), so a batch written
+again after a failure can never duplicate a row.
+
+When the database is unreachable the rows wait in memory; after ``spool_after_seconds`` of
+outage, or past ``max_memory_rows``, they go to JSON-lines files under the spool folder (written
+to a temporary name and renamed, so a file is complete or absent). When the database returns the
+spool files are written first, oldest first, then the memory queue. Nothing is dropped: a file is
+deleted only after its rows are committed, and :meth:`PredictionLog.close` spools what it could
+not write, for the next process to pick up. A row the database rejects for what it holds (not
+for being unreachable) is set aside in ``rejected/`` rather than blocking the rows behind it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from ml.db import feedback, get_engine, normalise_url, predictions
+from ml.params import LABELS
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection, Engine
+
+log = logging.getLogger(__name__)
+
+PREDICTION = "p"
+FEEDBACK = "f"
+
+
+def new_request_id() -> str:
+    """A random 32-character hex id for one prediction."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    """One logged prediction. ``scores`` follow :data:`ml.params.LABELS` order."""
+
+    request_id: str
+    at: datetime
+    model_name: str
+    model_version: str
+    text: str
+    label: str
+    scores: tuple[float, ...]
+    latency_ms: float
+    cached: bool = False
+
+    def to_row(self) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "request_id": self.request_id,
+            "at": self.at,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "text": self.text,
+            "label": self.label,
+            "latency_ms": float(self.latency_ms),
+            "cached": bool(self.cached),
+        }
+        for name, score in zip(LABELS, self.scores, strict=True):
+            row[f"score_{name}"] = float(score)
+        return row
+
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    """The true label a client reported for a logged prediction."""
+
+    request_id: str
+    label: str
+    at: datetime = field(default_factory=lambda: datetime.now(tz=UTC))
+
+    def to_row(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "label": self.label, "at": self.at}
+
+
+@dataclass(frozen=True)
+class LogStats:
+    """Where the rows are: waiting in memory, spooled on disk, committed by this process."""
+
+    pending: int
+    spooled: int
+    written: int
+    rejected: int
+    database_ok: bool
+    last_error: str | None
+
+
+Item = tuple[str, dict[str, Any]]
+
+
+def _encode(item: Item) -> str:
+    kind, row = item
+    return json.dumps(
+        {
+            "kind": kind,
+            "row": {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()},
+        },
+        ensure_ascii=True,  # any text survives the round trip, lone surrogates included
+    )
+
+
+def _decode(line: str) -> Item:
+    obj = json.loads(line)
+    row = dict(obj["row"])
+    row["at"] = datetime.fromisoformat(row["at"])
+    return obj["kind"], row
+
+
+def _is_connectivity_error(exc: BaseException) -> bool:
+    """True when the database could not be reached (retry later), not when it refused a row."""
+    if isinstance(exc, sa.exc.DBAPIError):
+        return bool(exc.connection_invalidated) or isinstance(
+            exc, sa.exc.OperationalError | sa.exc.InterfaceError
+        )
+    return isinstance(exc, OSError | sa.exc.TimeoutError)
+
+
+class PredictionLog:
+    """Batched, idempotent, outage-proof writer of predictions and feedback.
+
+    Args:
+        database_url: Where the ``predictions`` and ``feedback`` tables live.
+        spool_dir: Folder for rows that wait out an outage on disk (created on demand).
+        batch_size: Rows per transaction.
+        flush_interval: Seconds between writes when rows trickle in.
+        max_memory_rows: Spool once this many rows wait in memory.
+        spool_after_seconds: Spool rows that have waited this long for the database.
+        retry_max_seconds: Longest pause between attempts while the database is down.
+    """
+
+    def __init__(
+        self,
+        database_url: str,
+        spool_dir: Path,
+        *,
+        batch_size: int = 500,
+        flush_interval: float = 0.5,
+        max_memory_rows: int = 20_000,
+        spool_after_seconds: float = 10.0,
+        retry_max_seconds: float = 5.0,
+    ) -> None:
+        self.database_url = normalise_url(database_url)
+        self.spool_dir = Path(spool_dir)
+        self.rejected_dir = self.spool_dir / "rejected"
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.max_memory_rows = max_memory_rows
+        self.spool_after_seconds = spool_after_seconds
+        self.retry_max_seconds = retry_max_seconds
+        self._queue: deque[Item] = deque()
+        self._oldest_pending: float | None = None
+        self._cond = threading.Condition()
+        self._write_lock = threading.RLock()  # one writer at a time (thread, flush or close)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._written = 0
+        self._rejected = 0
+        self._db_ok = True
+        self._last_error: str | None = None
+        self._retry_delay = 0.0
+        self._seq = 0
+
+    # ------------------------------------------------------------------ producer side
+
+    def start(self) -> PredictionLog:
+        """Start the writer thread (spool files left by an earlier process are written too)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="driftloop-predlog", daemon=True)
+            self._thread.start()
+        return self
+
+    def log_predictions(self, records: Iterable[PredictionRecord]) -> None:
+        """Queue predictions for writing; never blocks on the database."""
+        self._put((PREDICTION, r.to_row()) for r in records)
+
+    def log_feedback(self, record: FeedbackRecord) -> None:
+        """Queue one feedback row for writing; never blocks on the database."""
+        self._put([(FEEDBACK, record.to_row())])
+
+    def _put(self, items: Iterable[Item]) -> None:
+        with self._cond:
+            before = len(self._queue)
+            self._queue.extend(items)
+            if before == 0 and self._queue:
+                self._oldest_pending = time.monotonic()
+            if len(self._queue) >= self.batch_size and self._db_ok:
+                self._cond.notify()
+
+    # ------------------------------------------------------------------ inspection
+
+    def stats(self) -> LogStats:
+        return LogStats(
+            pending=len(self._queue),
+            spooled=sum(self._count_lines(p) for p in self._spool_files()),
+            written=self._written,
+            rejected=self._rejected,
+            database_ok=self._db_ok,
+            last_error=self._last_error,
+        )
+
+    def has_prediction(self, request_id: str) -> bool | None:
+        """Whether a prediction with this id is logged or waiting to be; None if unknown.
+
+        None means the database could not be asked (the caller decides what to do then).
+        """
+        with self._cond:
+            if any(k == PREDICTION and r["request_id"] == request_id for k, r in self._queue):
+                return True
+        try:
+            with self._engine().connect() as conn:
+                found = conn.execute(
+                    sa.select(predictions.c.request_id).where(
+                        predictions.c.request_id == request_id
+                    )
+                ).first()
+        except Exception as exc:  # noqa: BLE001 - any failure means "cannot tell"
+            log.debug("cannot look up request %s: %s", request_id, exc)
+            return None
+        if found is not None:
+            return True
+        for path in self._spool_files():
+            if request_id in path.read_text(encoding="utf-8"):
+                return True
+        return False
+
+    # ------------------------------------------------------------------ writer side
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Write everything queued or spooled now; True when nothing is left waiting."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ok = self._drain()
+            if ok and not self._queue and not self._spool_files():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
+    def close(self, timeout: float = 5.0) -> LogStats:
+        """Stop the writer; write what can be written and spool the rest to disk."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        if self._write_lock.acquire(timeout=timeout):
+            try:
+                self._drain()
+                if self._queue:
+                    self._spool_memory(reason="shutting down with the database unreachable")
+            finally:
+                self._write_lock.release()
+        return self.stats()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                wait = self._retry_delay if self._retry_delay else self.flush_interval
+                self._cond.wait(timeout=wait)
+                if self._stopping:
+                    return
+            try:
+                self._drain()
+            except Exception:  # noqa: BLE001 - the writer must outlive any surprise
+                log.exception("prediction log writer failed; retrying")
+                self._retry_delay = self.retry_max_seconds
+
+    def _drain(self) -> bool:
+        """Write spool files then the memory queue; False when the database is unreachable."""
+        with self._write_lock:
+            try:
+                for path in self._spool_files():
+                    items = self._read_spool(path)
+                    for start in range(0, len(items), self.batch_size):
+                        self._write(items[start : start + self.batch_size])
+                    path.unlink()
+                    log.info("wrote %d spooled rows from %s", len(items), path.name)
+                while True:
+                    with self._cond:
+                        batch = [
+                            self._queue[i] for i in range(min(self.batch_size, len(self._queue)))
+                        ]
+                    if not batch:
+                        break
+                    self._write(batch)
+                    with self._cond:
+                        for _ in batch:  # only this (locked) writer ever pops
+                            self._queue.popleft()
+                        self._oldest_pending = time.monotonic() if self._queue else None
+            except Exception as exc:
+                if not _is_connectivity_error(exc):
+                    raise
+                self._mark_down(exc)
+                self._maybe_spool()
+                return False
+            self._mark_up()
+            return True
+
+    def _engine(self) -> Engine:
+        return get_engine(self.database_url)
+
+    def _write(self, items: Sequence[Item]) -> None:
+        preds = [row for kind, row in items if kind == PREDICTION]
+        fb: dict[str, dict[str, Any]] = {}
+        for kind, row in items:
+            if kind == FEEDBACK:
+                fb[row["request_id"]] = row  # the latest label for an id wins
+        rejected = 0
+        try:
+            with self._engine().begin() as conn:
+                self._insert(conn, preds, list(fb.values()))
+        except Exception as exc:  # DBAPIError, or a value the driver refused (NUL in text)
+            if _is_connectivity_error(exc):
+                raise
+            log.warning("the database refused a batch (%s); writing its rows one by one", exc)
+            rejected = self._write_one_by_one(preds, list(fb.values()))
+        self._written += len(preds) + len(fb) - rejected
+
+    def _insert(
+        self, conn: Connection, preds: list[dict[str, Any]], fb: list[dict[str, Any]]
+    ) -> None:
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        dialect = conn.dialect.name
+        insert: Any
+        if dialect == "postgresql":
+            insert = postgresql.insert
+        elif dialect == "sqlite":
+            insert = sqlite.insert
+        else:  # pragma: no cover - only SQLite and PostgreSQL are supported
+            raise RuntimeError(f"unsupported database for the prediction log: {dialect}")
+        if preds:
+            conn.execute(
+                insert(predictions).on_conflict_do_nothing(index_elements=["request_id"]), preds
+            )
+        if fb:
+            stmt = insert(feedback)
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["request_id"],
+                    set_={"label": stmt.excluded.label, "at": stmt.excluded.at},
+                ),
+                fb,
+            )
+
+    def _write_one_by_one(self, preds: list[dict[str, Any]], fb: list[dict[str, Any]]) -> int:
+        bad: list[Item] = []
+        for kind, row in [(PREDICTION, r) for r in preds] + [(FEEDBACK, r) for r in fb]:
+            try:
+                with self._engine().begin() as conn:
+                    if kind == PREDICTION:
+                        self._insert(conn, [row], [])
+                    else:
+                        self._insert(conn, [], [row])
+            except Exception as exc:  # noqa: BLE001 - set aside, never lost
+                if _is_connectivity_error(exc):
+                    raise
+                log.error("the database rejected %s row %s: %s", kind, row["request_id"], exc)
+                bad.append((kind, row))
+        if bad:
+            self._rejected += len(bad)
+            self._write_file(self.rejected_dir, bad)
+        return len(bad)
+
+    # ------------------------------------------------------------------ outage handling
+
+    def _mark_down(self, exc: BaseException) -> None:
+        message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if self._db_ok:
+            log.warning(
+                "prediction log: database unreachable (%s); %d rows wait in memory and will "
+                "be spooled to %s if it lasts",
+                message,
+                len(self._queue),
+                self.spool_dir,
+            )
+        self._db_ok = False
+        self._last_error = message
+        self._retry_delay = min(max(self._retry_delay * 2, 0.25), self.retry_max_seconds)
+
+    def _mark_up(self) -> None:
+        if not self._db_ok:
+            log.warning("prediction log: database is back; waiting rows are written")
+        self._db_ok = True
+        self._retry_delay = 0.0
+
+    def _maybe_spool(self) -> None:
+        waited = (
+            time.monotonic() - self._oldest_pending if self._oldest_pending is not None else 0.0
+        )
+        if self._queue and (
+            len(self._queue) >= self.max_memory_rows or waited >= self.spool_after_seconds
+        ):
+            self._spool_memory(
+                reason=f"{len(self._queue)} rows waited {waited:.0f} s for the database"
+            )
+
+    def _spool_memory(self, *, reason: str) -> None:
+        with self._cond:
+            items = list(self._queue)
+        if not items:
+            return
+        path = self._write_file(self.spool_dir, items)
+        with self._cond:
+            for _ in items:
+                self._queue.popleft()
+            self._oldest_pending = time.monotonic() if self._queue else None
+        log.warning("spooled %d rows to %s (%s)", len(items), path, reason)
+
+    def _write_file(self, folder: Path, items: Sequence[Item]) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        self._seq += 1
+        name = f"{time.time_ns():020d}-{os.getpid()}-{self._seq:06d}.jsonl"
+        tmp = folder / f".{name}.tmp"
+        with tmp.open("w", encoding="utf-8") as fh:
+            for item in items:
+                fh.write(_encode(item) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        final = folder / name
+        os.replace(tmp, final)
+        return final
+
+    def _spool_files(self) -> list[Path]:
+        if not self.spool_dir.is_dir():
+            return []
+        return sorted(self.spool_dir.glob("*.jsonl"))
+
+    def _read_spool(self, path: Path) -> list[Item]:
+        items: list[Item] = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                items.append(_decode(line))
+            except (ValueError, KeyError) as exc:
+                log.error("unreadable line %d in spool file %s: %s", n, path, exc)
+                self._write_raw_rejected(line)
+        return items
+
+    def _write_raw_rejected(self, line: str) -> None:
+        self.rejected_dir.mkdir(parents=True, exist_ok=True)
+        with (self.rejected_dir / "unreadable.txt").open("a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+        self._rejected += 1
+
+    @staticmethod
+    def _count_lines(path: Path) -> int:
+        try:
+            with path.open("rb") as fh:
+                return sum(1 for _ in fh)
+        except OSError:
+            return 0
