@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -70,6 +70,59 @@ class RolloutParams(_Section):
     max_feedback: int = 1000  # stop waiting: not shown better after this many labels
 
 
+class DriftParams(BaseModel):
+    """The ``drift:`` section of ``params.yaml``: window, sample sizes and every threshold.
+
+    Per-column scores are distances that do not grow with the window size (normed Wasserstein
+    for numbers: the distance in units of the reference's standard deviation; Jensen-Shannon
+    for the label shares), so one threshold holds for windows of a few hundred to thousands of
+    rows. A group of columns drifts when its share of drifted columns reaches the group share.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    schedule: str = "@hourly"
+    window_hours: Annotated[float, Field(gt=0)] = 24.0
+    min_rows: Annotated[int, Field(ge=1)] = 200
+    max_rows: Annotated[int, Field(ge=1)] = 5000
+    reference_size: Annotated[int, Field(ge=10)] = 3000
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    max_length: Annotated[int, Field(ge=8)] = 64
+    pca_components: Annotated[int, Field(ge=1)] = 8
+    reference_from_windows: bool = True
+    seed: int = 42
+    descriptor_method: str = "wasserstein"
+    descriptor_threshold: float = 0.2
+    descriptors_drift_share: float = 0.3
+    embedding_method: str = "wasserstein"
+    embedding_threshold: float = 0.17
+    embeddings_drift_share: float = 0.25
+    label_method: str = "jensenshannon"
+    label_threshold: float = 0.08
+    confidence_method: str = "wasserstein"
+    confidence_threshold: float = 0.25
+    drift_share: float = 0.5
+    min_feedback: Annotated[int, Field(ge=1)] = 100
+    quality_drop: float = 0.05
+    quality_confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
+    workspace_project: str = "driftloop drift"
+
+    @classmethod
+    def from_params(cls, params: Params | None = None) -> DriftParams:
+        """The typed ``drift:`` section, whether or not :class:`~ml.params.Params` declares it."""
+        params = params or load_params()
+        section = getattr(params, "drift", None)
+        if isinstance(section, DriftParams):
+            return section
+        if isinstance(section, BaseModel):
+            return cls.model_validate(section.model_dump())
+        return cls.model_validate(section or {})
+
+    def thresholds(self) -> dict[str, Any]:
+        """The values a reader needs to interpret a result (recorded with every report)."""
+        return self.model_dump(exclude={"schedule", "batch_size", "workspace_project"})
+
+
 class Params(_Section):
     """All of ``params.yaml``. Unknown sections are kept (later stages add their own)."""
 
@@ -79,6 +132,7 @@ class Params(_Section):
     promotion: PromotionParams = Field(default_factory=PromotionParams)
     validation: ValidationParams = Field(default_factory=ValidationParams)
     rollout: RolloutParams = Field(default_factory=RolloutParams)
+    drift: DriftParams = Field(default_factory=lambda: DriftParams())
 
 
 def load_params(path: str | Path | None = None) -> Params:

@@ -187,7 +187,9 @@ def register_model(
     except Exception:  # noqa: BLE001 - already registered
         pass
     all_tags = {"reason": reason, **(tags or {})}
-    mv = mlc.create_model_version(name, model_uri, run_id=run_id, tags=all_tags)
+    # A logged model's URI is models:/<model id>; a tracking server wants the id said twice.
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    mv = mlc.create_model_version(name, model_uri, run_id=run_id, tags=all_tags, model_id=model_id)
     log.info("registered %s version %s from run %s", name, mv.version, run_id)
     return _info(mlc.get_model_version(name, mv.version), mlc)
 
