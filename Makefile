@@ -11,7 +11,7 @@ UV     := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 STACK  := eval "$$($(PY) scripts/stack_env.py)" && export PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv data airflow-db demo demo-fast serve test test-fast lint dvc-repro airflow-ui mlflow-ui \
+.PHONY: help setup venv data airflow-db demo demo-train demo-fast serve test test-fast lint dvc-repro airflow-ui mlflow-ui \
         services-start services-stop bench-serve clean
 
 help: ## Show this help
@@ -45,6 +45,9 @@ setup: venv data airflow-db ## Everything demo needs: environment, data, Airflow
 
 demo: setup ## The whole loop: train, serve, drift, retrain, canary, damaged-model rollback
 	@$(STACK) && $(PY) scripts/demo.py
+
+demo-train: setup ## Only the first step: train_model with the default parameters
+	@$(STACK) && $(PY) scripts/demo_train.py
 
 demo-fast: setup ## The same loop with smaller samples (about 20 min on 2 CPU cores)
 	@$(STACK) && $(PY) scripts/demo.py --fast
