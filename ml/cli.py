@@ -157,8 +157,12 @@ def canary(
     try:
         get_version(version)
         if force:
-            rollout.start_canary(version, actor=_actor(), share=share,
-                                 reason=f"forced past the offline gate: {reason}")
+            rollout.start_canary(
+                version,
+                actor=_actor(),
+                share=share,
+                reason=f"forced past the offline gate: {reason}",
+            )
             outcome = "canary_started"
         else:
             outcome = promote_or_canary(version, actor=_actor())
@@ -397,7 +401,13 @@ def stage_evaluate(
 
 
 def _actor() -> str:
-    return f"cli:{os.environ.get('USER') or os.environ.get('LOGNAME') or 'unknown'}"
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no USER/LOGNAME and no passwd entry
+        user = "unknown"
+    return f"cli:{user}"
 
 
 if __name__ == "__main__":

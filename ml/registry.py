@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -165,9 +165,17 @@ def list_versions(name: str | None = None) -> list[ModelVersionInfo]:
     name = name or settings.model_name
     try:
         found = mlc.search_model_versions(f"name = '{name}'")
+        registered = mlc.get_registered_model(name) if found else None
     except Exception:  # noqa: BLE001 - no registered model yet
         return []
-    return sorted((_info(mv, mlc) for mv in found), key=lambda v: int(v.version))
+    # Search results carry no aliases; read them off the registered model once.
+    aliases: dict[str, list[str]] = {}
+    for alias, version in ((registered.aliases if registered else None) or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
+    versions = [
+        replace(_info(mv, mlc), aliases=sorted(aliases.get(str(mv.version), []))) for mv in found
+    ]
+    return sorted(versions, key=lambda v: int(v.version))
 
 
 def register_model(

@@ -57,6 +57,8 @@ def test_worse_model_keeps_champion_and_rollback_restores(tmp_home, tiny_model_d
                        ("promote", None, v1)]
     keep = log[1]
     assert keep.actor == "dag:train_model/run-3"
+    aliases = {v.version: v.aliases for v in registry.list_versions()}
+    assert aliases[v1] == ["champion"] and aliases[v2] == []
     assert "does not beat" in keep.reason and keep.evidence["challenger_version"] == v3
     assert log[0].reason == "v2 misbehaves in production" and log[0].at
 
