@@ -133,6 +133,18 @@ def print_progress(dag_id: str) -> Callable[[dict[str, str | None]], None]:
     return show
 
 
+def terminate_group(proc: subprocess.Popen[bytes] | None, timeout: float = 60.0) -> None:
+    """Stop a process started with ``start_new_session=True`` and everything it spawned."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 class LocalAirflow:
     """``airflow standalone`` (API server, scheduler, DAG processor, triggerer) in background."""
 
@@ -140,7 +152,9 @@ class LocalAirflow:
         self.log_path = log_path
         self.port = port
         self.env = {
-            **os.environ, **(env or {}), "AIRFLOW__API__PORT": str(port),
+            **os.environ,
+            **(env or {}),
+            "AIRFLOW__API__PORT": str(port),
             # Task runners report to the API server; it must be this one, on this port.
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
         }
@@ -151,7 +165,10 @@ class LocalAirflow:
         airflow = str(Path(sys.executable).with_name("airflow"))
         handle = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [airflow, "standalone"], stdout=handle, stderr=subprocess.STDOUT, env=self.env,
+            [airflow, "standalone"],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=self.env,
             start_new_session=True,
         )
         api = AirflowAPI(f"http://127.0.0.1:{self.port}")
@@ -163,10 +180,4 @@ class LocalAirflow:
         return api
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        terminate_group(self.proc)

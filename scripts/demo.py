@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -31,7 +30,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scripts.airflow_api import AirflowAPI, LocalAirflow, print_progress  # noqa: E402
+from scripts.airflow_api import (  # noqa: E402
+    AirflowAPI,
+    LocalAirflow,
+    print_progress,
+    terminate_group,
+)
 
 T0 = time.monotonic()
 
@@ -103,12 +107,7 @@ class Service:
         raise TimeoutError(f"service still on {self.model()} after {timeout:.0f}s")
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        terminate_group(self.proc)
 
 
 def run_dag(api: AirflowAPI, dag_id: str, conf: dict[str, Any]) -> tuple[str, dict]:

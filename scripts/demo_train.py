@@ -37,8 +37,10 @@ def main() -> int:
     home = settings.ensure_home()
     log_path = home / "logs" / "airflow-standalone.log"
     started = time.monotonic()
-    say(f"starting Airflow (scheduler, DAG processor, API server) on port {args.port}; "
-        f"log: {log_path}")
+    say(
+        f"starting Airflow (scheduler, DAG processor, API server) on port {args.port}; "
+        f"log: {log_path}"
+    )
     with LocalAirflow(log_path, port=args.port) as api:
         say("Airflow is healthy; waiting for the DAG processor to parse train_model")
         api.wait_dag("train_model")
@@ -50,8 +52,10 @@ def main() -> int:
     elapsed = time.monotonic() - started
     say(f"train_model {run_id}: {state} in {elapsed:.0f}s")
     if state != "success":
-        say(f"see the task logs under {Path(os.environ.get('AIRFLOW_HOME', home / 'airflow'))}"
-            "/logs or in the Airflow UI (make airflow-ui)")
+        say(
+            f"see the task logs under {Path(os.environ.get('AIRFLOW_HOME', home / 'airflow'))}"
+            "/logs or in the Airflow UI (make airflow-ui)"
+        )
         return 1
     return summary(tasks)
 
@@ -68,8 +72,11 @@ def summary(tasks: dict[str, str | None]) -> int:
     if champion is None:
         lines.append("  no champion registered (see the Airflow task logs)")
     else:
-        metrics = {k.removeprefix("val_"): round(v, 4) for k, v in champion.metrics.items()
-                   if k.startswith("val_")}
+        metrics = {
+            k.removeprefix("val_"): round(v, 4)
+            for k, v in champion.metrics.items()
+            if k.startswith("val_")
+        }
         lines += [
             f"  champion: {settings.model_name} v{champion.version} (run {champion.run_id})",
             f"  validation macro-recall: {metrics.get('macro_recall')}  "
@@ -84,8 +91,10 @@ def summary(tasks: dict[str, str | None]) -> int:
     moves = audit_log(limit=3)
     if moves:
         lines.append("  latest alias moves:")
-        lines += [f"    {m.at[:19]} {m.action} {m.alias}: {m.from_version} -> {m.to_version} "
-                  f"by {m.actor}" for m in moves]
+        lines += [
+            f"    {m.at[:19]} {m.action} {m.alias}: {m.from_version} -> {m.to_version} by {m.actor}"
+            for m in moves
+        ]
     lines += [
         "",
         "where to look:",

@@ -12,7 +12,6 @@ backend, served artifacts) and the BentoML service. Each process logs to its own
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from scripts.airflow_api import terminate_group  # noqa: E402
 from scripts.stack_env import stack_env  # noqa: E402
 
 
@@ -98,13 +98,13 @@ class NativeStack:
                 "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
                 "AIRFLOW__CELERY__BROKER_URL": broker,
                 # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; keep the psycopg2 driver.
-            "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + airflow_db,
+                "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + airflow_db,
                 "AIRFLOW__CELERY__WORKER_CONCURRENCY": "1",
                 "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.api_url}/execution/",
                 "AIRFLOW__API__BASE_URL": self.api_url,
                 "AIRFLOW__API__PORT": str(self.api_port),
                 "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+                "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
                 "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": str(free_port()),
                 "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_SERVER_PORT": str(free_port()),
                 "MLFLOW_BACKEND_STORE_URI": env["MLFLOW_TRACKING_URI"],
@@ -158,15 +158,7 @@ class NativeStack:
         )
 
     def stop_process(self, name: str) -> None:
-        proc = self.procs.pop(name, None)
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        terminate_group(self.procs.pop(name, None))
 
     def start_service(self) -> None:
         self._spawn(

@@ -38,8 +38,11 @@ def _create_database(base: object, name: str) -> None:
 
     url = base  # sqlalchemy URL
     conn = psycopg2.connect(
-        dbname=url.database, user=url.username, password=url.password,  # type: ignore[attr-defined]
-        host=url.host, port=url.port,  # type: ignore[attr-defined]
+        dbname=url.database,
+        user=url.username,
+        password=url.password,  # type: ignore[attr-defined]
+        host=url.host,
+        port=url.port,  # type: ignore[attr-defined]
     )
     conn.autocommit = True
     with conn.cursor() as cur:
