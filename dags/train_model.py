@@ -41,7 +41,9 @@ from airflow.sdk import Param, dag, task
     default_args=DEFAULT_ARGS,
     params={
         "max_examples": Param(
-            None, type=["null", "integer"], minimum=20,
+            None,
+            type=["null", "integer"],
+            minimum=20,
             description="training rows (default: train.max_examples in params.yaml)",
         ),
         "epochs": Param(1, type="integer", minimum=1, maximum=20),
