@@ -12,7 +12,7 @@ STACK  := eval "$$($(PY) scripts/stack_env.py)" && export PATH="$(CURDIR)/$(VENV
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv data airflow-db demo demo-train demo-fast serve test test-fast lint dvc-repro airflow-ui mlflow-ui \
-        services-start services-stop bench-serve clean
+        services-start services-stop bench-serve load-test fuzz-api clean
 
 help: ## Show this help
 	@echo "driftloop: an Airflow-orchestrated MLOps loop for a tweet sentiment classifier"
@@ -87,6 +87,13 @@ services-stop: ## Stop the loopback PostgreSQL and Redis
 
 bench-serve: setup ## Serving benchmark: naive baseline vs the service vs the model-only ceiling
 	@$(STACK) && $(PY) benchmarks/serve_bench.py
+
+load-test: venv data ## Load and fault tests of the serving stack (~10 min) -> benchmarks/results/load_*
+	@$(TESTENV) && $(PY) scripts/load_faults.py --steady-seconds 300
+
+fuzz-api: venv ## Fuzz a running service from its OpenAPI schema (URL=..., KEY=...; loopback only)
+	@$(TESTENV) && $(PY) scripts/fuzz_api.py --url "$${URL:-http://127.0.0.1:3000}" \
+	  $${KEY:+--key "$$KEY"} --out benchmarks/results/fuzz_api.md
 
 clean: ## Remove driftloop's local state (.driftloop/): models, runs, Airflow metadata
 	rm -rf .driftloop

@@ -36,12 +36,9 @@ RUN --mount=type=cache,target=/root/.cache/uv \
 # libraries from the same index.
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
-# Airflow's StatsD metrics need the `statsd` client (apache-airflow[statsd]), which uv.lock does
-# not include yet; pinned and hash-checked until it does.
-RUN printf 'statsd==4.0.1 --hash=sha256:c2676519927f7afade3723aca9ca8ea986ef5b059556a980a867721ca69df093\n' \
-        > /tmp/statsd.txt \
- && (grep -q '^statsd==' /tmp/locked.txt || uv pip install --no-deps --require-hashes -r /tmp/statsd.txt) \
- && /opt/venv/bin/python -c "import airflow, celery, mlflow, evidently, torch, transformers, statsd, asyncpg, psycopg2"
+# Airflow's StatsD metrics need the `statsd` client (in uv.lock); fail the build, not the
+# container, if the lock and the image ever disagree.
+RUN /opt/venv/bin/python -c "import airflow, celery, mlflow, evidently, torch, transformers, statsd, asyncpg, psycopg2"
 
 FROM python:${PYTHON_VERSION}-slim-bookworm
 # curl: the health checks; tini: signals reach the Airflow process (Celery's warm shutdown).

@@ -6,6 +6,7 @@ or another system would, through the API server, not by importing Airflow intern
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -84,10 +85,14 @@ class AirflowAPI:
         resp.raise_for_status()
         return dict(resp.json())
 
-    def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
+    def task_instances(self, dag_id: str, run_id: str) -> dict[str, dict[str, Any]]:
+        """Each task's instance (state, try_number, start and end dates, ...) by task id."""
         resp = self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
         resp.raise_for_status()
-        return {ti["task_id"]: ti["state"] for ti in resp.json()["task_instances"]}
+        return {ti["task_id"]: dict(ti) for ti in resp.json()["task_instances"]}
+
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
+        return {k: ti["state"] for k, ti in self.task_instances(dag_id, run_id).items()}
 
     def list_runs(self, dag_id: str) -> list[dict[str, Any]]:
         resp = self.http.get(f"/api/v2/dags/{dag_id}/dagRuns", params={"order_by": "-start_date"})
@@ -133,16 +138,59 @@ def print_progress(dag_id: str) -> Callable[[dict[str, str | None]], None]:
     return show
 
 
+def _descendants(pid: int) -> list[Any]:
+    import psutil
+
+    try:
+        return list(psutil.Process(pid).children(recursive=True))
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _finish(procs: list[Any], timeout: float) -> None:
+    """SIGTERM whichever of ``procs`` still run, then SIGKILL what is left after ``timeout``."""
+    import psutil
+
+    alive = [p for p in procs if p.is_running()]
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, left = psutil.wait_procs(alive, timeout=timeout)
+    for p in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+
+
 def terminate_group(proc: subprocess.Popen[bytes] | None, timeout: float = 60.0) -> None:
-    """Stop a process started with ``start_new_session=True`` and everything it spawned."""
+    """Stop a process started with ``start_new_session=True`` and everything it spawned.
+
+    The whole tree is listed first: BentoML's workers run in sessions of their own (circus),
+    so a signal to the process group misses them, and once their parent is gone they can no
+    longer be found from it.
+    """
     if proc is None or proc.poll() is not None:
         return
+    tree = _descendants(proc.pid)
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    _finish(tree, timeout=10)
+
+
+def kill_tree(proc: subprocess.Popen[bytes]) -> int:
+    """SIGKILL a process and every descendant at once (a crash, not a shutdown); how many."""
+    import psutil
+
+    victims = [psutil.Process(proc.pid), *_descendants(proc.pid)]
+    for p in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(victims, timeout=30)
+    proc.wait(30)
+    return len(victims)
 
 
 class LocalAirflow:

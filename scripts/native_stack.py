@@ -12,6 +12,7 @@ backend, served artifacts) and the BentoML service. Each process logs to its own
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -45,6 +46,55 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 180.0) -> No
             pass
         time.sleep(1.5)
     raise TimeoutError(f"{what} not ready after {timeout:.0f}s")
+
+
+class ServersMissing(RuntimeError):
+    """PostgreSQL or Redis is not installed (``scripts/services.sh install`` installs them)."""
+
+
+class LocalServers:
+    """A PostgreSQL and a Redis server of one caller alone, via ``scripts/services.sh``.
+
+    Each instance has its own state folder and free ports, so a fault test can stop and restart
+    them without touching any other server on the machine.
+    """
+
+    EXIT_MISSING = 3  # services.sh's exit status when a server binary is not installed
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.pg_port, self.redis_port = free_port(), free_port()
+        self.env = {
+            **os.environ,
+            "DRIFTLOOP_SERVICES_DIR": str(state),
+            "DRIFTLOOP_PG_PORT": str(self.pg_port),
+            "DRIFTLOOP_REDIS_PORT": str(self.redis_port),
+        }
+        self.database_url = f"postgresql://driftloop@127.0.0.1:{self.pg_port}/driftloop"
+        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def run(self, command: str) -> None:
+        """``scripts/services.sh COMMAND`` (start-postgres, stop-redis, ...) for these servers."""
+        proc = subprocess.run(
+            ["bash", str(REPO / "scripts" / "services.sh"), command],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+        if proc.returncode == self.EXIT_MISSING:
+            raise ServersMissing(proc.stderr.strip())
+        if proc.returncode != 0:
+            raise RuntimeError(f"services.sh {command} exited {proc.returncode}: {proc.stderr}")
+
+    def stop_all(self) -> None:
+        """Stop whichever of the two runs and delete PostgreSQL's data folder."""
+        data = (self.state / "postgres").resolve()
+        self.run("stop-redis")
+        self.run("stop-postgres")
+        shutil.rmtree(data, ignore_errors=True)
 
 
 @dataclass
@@ -161,7 +211,7 @@ class NativeStack:
         terminate_group(self.procs.pop(name, None))
 
     def start_service(self) -> None:
-        self._spawn(
+        proc = self._spawn(
             "service",
             [
                 "bentoml",
@@ -175,11 +225,14 @@ class NativeStack:
         )
         # /livez: the process is up. /readyz stays 503 until a champion is loaded, which is
         # right for a load balancer but not a start-up condition (there may be no model yet).
-        wait_for(
-            lambda: httpx.get(f"{self.service_url}/livez", timeout=5).status_code == 200,
-            "BentoML service",
-            timeout=300,
-        )
+
+        def live() -> bool:
+            if proc.poll() is not None:
+                tail = (self.logs / "service.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"bentoml serve exited {proc.returncode}:\n{tail}")
+            return httpx.get(f"{self.service_url}/livez", timeout=5).status_code == 200
+
+        wait_for(live, "BentoML service", timeout=300)
 
     def start(self, service: bool = True) -> NativeStack:
         self.env = self.build_env()
@@ -222,6 +275,14 @@ class NativeStack:
             ],
         )
         wait_for(self._airflow_healthy, "Airflow API server and scheduler")
+        if service:
+            self.start_service()
+        return self
+
+    def start_serving(self, service: bool = True) -> NativeStack:
+        """Only the serving half: the MLflow server and (unless ``service=False``) the service."""
+        self.env = self.build_env()
+        self.start_mlflow()
         if service:
             self.start_service()
         return self

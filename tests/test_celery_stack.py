@@ -9,8 +9,11 @@ traffic the service logged.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -24,6 +27,14 @@ from scripts.native_stack import NativeStack  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+RESULTS = Path(os.environ.get("DRIFTLOOP_RESULTS_DIR") or REPO / "benchmarks" / "results" / "ci")
+# MLflow's client retries a refused connection for minutes by default (7 tries, backoff 2);
+# here it gives up after one retry so that Airflow's own retry is what the outage test sees.
+MLFLOW_CLIENT_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+
 
 @pytest.fixture(scope="module")
 def stack(pg_session_database, redis_server, tmp_path_factory, tiny_model_dir):
@@ -32,7 +43,10 @@ def stack(pg_session_database, redis_server, tmp_path_factory, tiny_model_dir):
     pg_session_database.created[:0] = [f"{name}_airflow", f"{name}_mlflow"]
     home = tmp_path_factory.mktemp("native")
     native = NativeStack(
-        home, url, redis_server.url_for(2), extra_env={"DRIFTLOOP_BASE_MODEL": str(tiny_model_dir)}
+        home,
+        url,
+        redis_server.url_for(2),
+        extra_env={"DRIFTLOOP_BASE_MODEL": str(tiny_model_dir), **MLFLOW_CLIENT_ENV},
     )
     try:
         native.start()
@@ -88,3 +102,96 @@ def test_celery_worker_trains_and_the_service_serves_it(stack) -> None:
     assert api.wait_run("monitor_drift", drift_run, timeout=600) == "success"
     drift_tasks = api.task_states("monitor_drift", drift_run)
     assert drift_tasks["report"] == "success" and drift_tasks["no_drift"] == "success"
+
+
+def test_a_task_retries_through_an_mlflow_outage_and_succeeds(stack) -> None:
+    """MLflow is down when `train_model` needs it: the task fails, Airflow retries it after
+    ``retry_delay``, and once the server is back the retry and the rest of the run succeed."""
+    api = AirflowAPI(stack.api_url)
+    t0 = time.monotonic()
+    events: list[tuple[float, str]] = []
+
+    def event(what: str) -> float:
+        at = round(time.monotonic() - t0, 1)
+        events.append((at, what))
+        return at
+
+    stack.stop_process("mlflow")
+    event("MLflow server stopped")
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{stack.mlflow_url}/health", timeout=5)
+    run_id = api.trigger("train_model", {"max_examples": 60, "reason": "MLflow outage test"})
+    event(f"train_model triggered ({run_id})")
+
+    waiting: str | None = None
+    deadline = time.monotonic() + 600
+    while waiting is None:
+        tis = api.task_instances("train_model", run_id)
+        waiting = next((t for t, ti in tis.items() if ti["state"] == "up_for_retry"), None)
+        ended = {t: ti["state"] for t, ti in tis.items() if ti["state"] in {"failed", "success"}}
+        assert "train" not in ended, f"train ended before MLflow came back: {ended}"
+        assert time.monotonic() < deadline, f"no task waited for a retry: {tis}"
+        time.sleep(1)
+    failed_at = event(f"task `{waiting}` failed its first try and waits to retry")
+
+    stack.start_mlflow()
+    back_at = event("MLflow server started again (healthy)")
+    state = api.wait_run("train_model", run_id, timeout=600, poll=1.0)
+    tis = api.task_instances("train_model", run_id)
+    retried = tis[waiting]
+    done_at = event(
+        f"`{waiting}` {retried['state']} on try {retried['try_number']}; the run ended {state}"
+    )
+    outcome = (
+        next(
+            t
+            for t in ("promoted", "canary_started", "kept_champion")
+            if tis[t]["state"] == "success"
+        )
+        if state == "success"
+        else "none"
+    )
+
+    report = {
+        "name": "mlflow_dag",
+        "started_at": datetime.now(tz=UTC).isoformat(timespec="seconds"),
+        "task_that_needed_mlflow": waiting,
+        "tries": retried["try_number"],
+        "run_state": state,
+        "outcome": outcome,
+        "outage_s": round(back_at, 1),
+        "first_failure_after_s": failed_at,
+        "recovery_s": round(done_at - back_at, 1),
+        "events": events,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "fault_mlflow_dag.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / "fault_mlflow_dag.md").write_text(
+        "\n".join(
+            [
+                "# Fault: the MLflow server stopped while a DAG task needs it",
+                "",
+                "The native CeleryExecutor stack (`tests/test_celery_stack.py`). The MLflow "
+                "server was stopped, `train_model` triggered through the REST API, and the "
+                "server started again once the first task that needed it had failed and was "
+                "waiting for Airflow's retry (`retry_delay` 20 s, MLflow's client set to give "
+                "up after one retry).",
+                "",
+                "| figure | value |",
+                "|---|---|",
+                f"| task that needed MLflow | `{waiting}` |",
+                f"| its tries | {retried['try_number']} |",
+                f"| DAG run | {state} (outcome `{outcome}`) |",
+                f"| MLflow down for | {back_at:.1f} s |",
+                f"| MLflow back -> run finished | {done_at - back_at:.1f} s |",
+                "",
+                "Timeline (s since the server was stopped):",
+                "",
+                *[f"- {at:6.1f} {what}" for at, what in events],
+                "",
+            ]
+        )
+    )
+    assert state == "success", tis
+    assert retried["state"] == "success" and retried["try_number"] >= 2, retried
+    assert tis["register"]["state"] == "success"

@@ -85,19 +85,11 @@ def test_a_model_with_other_labels_is_refused(tmp_path: Path) -> None:
 
 
 def _two_label_model():  # type: ignore[no-untyped-def]
-    from transformers import BertConfig, BertForSequenceClassification
+    from ml.modeling import tiny_classifier
 
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=2,
-        id2label={0: "bad", 1: "good"},
-        label2id={"bad": 0, "good": 1},
+    return tiny_classifier(
+        num_labels=2, id2label={0: "bad", 1: "good"}, label2id={"bad": 0, "good": 1}
     )
-    return BertForSequenceClassification(config)
 
 
 def test_a_missing_directory_is_a_load_error(tmp_path: Path) -> None:

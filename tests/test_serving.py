@@ -3,7 +3,7 @@
 One server for the module (starting one costs ~30 s on two cores). It serves from an MLflow
 registry in ``tmp_path`` holding three versions: v1 and v2 (two tiny classifiers that answer
 differently) and v3 (a two-label model that cannot be served). Its PostgreSQL and Redis are
-private to this module (``scripts/services.sh`` with their own state folder and ports), so the
+private to this module (:class:`servers.PrivateServices`), so the
 outage tests can stop and restart them without touching anyone else's servers.
 
 The tests run in file order and each one leaves ``champion`` on v1 or says otherwise.
@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from servers import PrivateServices, free_port, wait_for
 
 from ml.params import LABELS
 
@@ -37,58 +36,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("k-main", "k-swap", "k-canary", "k-rate", "k-redis", "k-pg")
 RATE_LIMIT = 400
 POLL_SECONDS = 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-class PrivateServices:
-    """PostgreSQL and Redis of this module alone, via ``scripts/services.sh``."""
-
-    def __init__(self, state: Path) -> None:
-        self.state = state
-        self.pg_port, self.redis_port = free_port(), free_port()
-        self.env = {
-            **os.environ,
-            "DRIFTLOOP_SERVICES_DIR": str(state),
-            "DRIFTLOOP_PG_PORT": str(self.pg_port),
-            "DRIFTLOOP_REDIS_PORT": str(self.redis_port),
-        }
-        self.database_url = f"postgresql://driftloop@127.0.0.1:{self.pg_port}/driftloop"
-        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
-
-    def run(self, command: str) -> None:
-        proc = subprocess.run(
-            ["bash", str(REPO_ROOT / "scripts" / "services.sh"), command],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
-        if proc.returncode == 3 and os.environ.get("CI", "").lower() not in {"1", "true", "yes"}:
-            pytest.skip(f"PostgreSQL or Redis is not installed here: {proc.stderr.strip()}")
-        assert proc.returncode == 0, f"services.sh {command}: {proc.stderr}"
-
-    def stop_all(self) -> None:
-        data = (self.state / "postgres").resolve()
-        self.run("stop-redis")
-        self.run("stop-postgres")
-        shutil.rmtree(data, ignore_errors=True)
 
 
 @dataclass
@@ -112,7 +59,6 @@ class Stack:
 
 def _register_versions(work: Path, tiny_model_dir: Path) -> dict[str, str]:
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
 
     from ml import registry
     from ml.modeling import load_tokenizer, save_model, tiny_classifier
@@ -121,17 +67,8 @@ def _register_versions(work: Path, tiny_model_dir: Path) -> dict[str, str]:
     with torch.no_grad():  # answers differently from v1: leans towards "negative"
         other.classifier.bias.copy_(torch.tensor([2.0, 0.0, -2.0]))
     other_dir = save_model(other, load_tokenizer(), work / "other")
-    broken = BertForSequenceClassification(
-        BertConfig(
-            vocab_size=30522,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            num_labels=2,
-            id2label={0: "bad", 1: "good"},
-            label2id={"bad": 0, "good": 1},
-        )
+    broken = tiny_classifier(  # two labels: the service must refuse to serve it
+        num_labels=2, id2label={0: "bad", 1: "good"}, label2id={"bad": 0, "good": 1}
     )
     broken_dir = save_model(broken, load_tokenizer(), work / "broken")
     good = registry.register_model_dir(

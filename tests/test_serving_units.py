@@ -39,6 +39,7 @@ LIMITS = Limits(max_texts=3, max_chars=10, max_body_bytes=1000)
         (b'{"texts": ["12345678901"]}', 422, "texts[0] has 11 characters; the limit is 10"),
         (b'{"texts": ["\\u0000"]}', 422, "NUL"),
         (b'{"texts": ["\\ud800"]}', 400, "lone surrogate"),
+        (b'{"texts": [' + b"9" * 5000 + b"]}", 400, "number in the body is too long"),
     ],
 )
 def test_predict_bodies_are_rejected_with_a_message_naming_the_problem(

@@ -17,6 +17,7 @@ The validated body is replayed unchanged to the application behind.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -191,6 +192,10 @@ def parse_json(body: bytes) -> Any:
         ) from None
     except RecursionError:
         raise ClientError(400, "malformed JSON: nested too deeply", "malformed_json") from None
+    except ValueError:  # Python 3.11+ refuses integers of more than 4300 digits
+        raise ClientError(
+            400, "malformed JSON: a number in the body is too long", "malformed_json"
+        ) from None
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -288,6 +293,15 @@ class RequestGuard:
             await send_json(send, exc.status, {"error": exc.message}, headers)
             return
         except _Disconnected:
+            return
+        except Exception:  # noqa: BLE001 - a bug here must not hold the request open
+            # Raising would leave BentoML's timeout middleware waiting out traffic.timeout
+            # (60 s) before uvicorn answers; answer at once instead.
+            log.exception("the request guard failed on %s", scope.get("path"))
+            if self.on_reject is not None:
+                with contextlib.suppress(Exception):
+                    self.on_reject(endpoint, 500, "guard_error")
+            await send_json(send, 500, {"error": "internal error while checking the request"})
             return
         if endpoint != "admin":
             headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
