@@ -25,6 +25,7 @@ import math
 import os
 import queue
 import random
+import shutil
 import tempfile
 import threading
 import time
@@ -1097,21 +1098,88 @@ def local_loader(
 
 
 def registry_loader(
-    load_dir: Callable[[Path, Any], ServedModel], *, work_dir: Path | None = None
+    load_dir: Callable[[Path, Any], ServedModel],
+    *,
+    work_dir: Path | None = None,
+    keep_versions: int = 3,
 ) -> Callable[[Any], ServedModel]:
     """A ``load`` for :class:`ModelPool`: download a version from the registry, then
-    ``load_dir(path, info)`` (:func:`local_loader` or :meth:`ModelProcess.loader`)."""
+    ``load_dir(path, info)`` (:func:`local_loader` or :meth:`ModelProcess.loader`).
+
+    With ``work_dir``, downloads are kept under ``work_dir/models`` (the ``keep_versions`` most
+    recently loaded), so a restarted service loads its champion from disk instead of fetching
+    it again: a registered version's artifacts never change. The key includes the version's
+    run id, so two registries that both have a "v1" never share a copy. A copy is complete or
+    absent (downloaded under a temporary name, then renamed), and one that fails to load is
+    deleted, so the next attempt fetches it afresh.
+    """
 
     def load(info: Any) -> ServedModel:
         from ml import registry
 
-        if work_dir is not None:
-            work_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="serve-", dir=work_dir) as tmp:
-            path = registry.download_model(str(info.version), info.name, dst=Path(tmp))
-            return load_dir(path, info)
+        if work_dir is None:
+            with tempfile.TemporaryDirectory(prefix="serve-") as tmp:
+                return load_dir(
+                    registry.download_model(str(info.version), info.name, Path(tmp)), info
+                )
+        cache = work_dir / "models"
+        cache.mkdir(parents=True, exist_ok=True)
+        run = str(getattr(info, "run_id", None) or "no-run")[:12]
+        entry = cache / f"{info.name}-v{info.version}-{run}"
+        path = _cached_model_dir(entry)
+        if path is None:
+            staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=cache))
+            try:
+                got = registry.download_model(str(info.version), info.name, dst=staging)
+                (staging / _CACHE_MARKER).write_text(str(got.relative_to(staging)))
+                os.replace(staging, entry)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            path = _cached_model_dir(entry)
+            assert path is not None
+        else:
+            log.info(
+                "%s v%s: loading the copy downloaded earlier (%s)", info.name, info.version, entry
+            )
+            os.utime(entry)  # most recently used
+        try:
+            model = load_dir(path, info)
+        except BaseException:
+            shutil.rmtree(entry, ignore_errors=True)  # fetched afresh next time
+            raise
+        _prune_cache(cache, keep=max(1, keep_versions), current=entry)
+        return model
 
     return load
+
+
+_CACHE_MARKER = ".driftloop-model-dir"  # relative path of the HF dir inside a cached download
+
+
+def _cached_model_dir(entry: Path) -> Path | None:
+    """The HF dir of a complete cached download, or None."""
+    try:
+        path = entry / (entry / _CACHE_MARKER).read_text().strip()
+    except OSError:
+        return None
+    return path if (path / "config.json").is_file() else None
+
+
+def _prune_cache(cache: Path, *, keep: int, current: Path) -> None:
+    """Delete all but the ``keep`` most recently used downloads (never ``current``), and
+    temporary folders of downloads that a killed process left behind (older than an hour)."""
+    entries = sorted(
+        (p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for old in entries[keep:]:
+        if old != current:
+            shutil.rmtree(old, ignore_errors=True)
+    for tmp in cache.glob(".*"):
+        if tmp.is_dir() and time.time() - tmp.stat().st_mtime > 3600:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def registry_resolver(name: str | None = None) -> Callable[[str], Any]:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -358,3 +359,52 @@ def test_model_process_loads_predicts_and_reports_failures(
     assert not models.alive
     with pytest.raises(RuntimeError, match="not running"):
         models.predict(first.key, ["x"], timeout=5)
+
+
+# ------------------------------------------------------------------------ downloads kept on disk
+
+
+def test_registry_loader_keeps_downloads_for_the_next_start(
+    tmp_home: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A restarted service loads its champion from disk: a second loader (a new process, in
+    effect) still loads v1 once the registry's artifacts are gone; a copy that fails to load is
+    dropped, and only the most recently loaded versions are kept."""
+    import shutil
+
+    from ml import registry
+    from ml.settings import get_settings
+
+    v1 = registry.register_model_dir(tiny_model_dir, reason="cache test")
+    work = tmp_path / "work"
+    seen: list[Path] = []
+
+    def load_dir(path: Path, info: Any) -> ServingModel:
+        seen.append(path)
+        return load_for_serving(path, name=info.name, version=str(info.version))
+
+    assert inference.registry_loader(load_dir, work_dir=work)(v1).version == v1.version
+    assert seen[0].is_relative_to(work / "models")
+
+    artifacts = get_settings().artifact_root
+    saved = tmp_path / "saved-artifacts"
+    shutil.move(artifacts, saved)  # the registry can no longer hand out v1's files
+    with pytest.raises(Exception):  # noqa: B017, PT011 - proves the store really is gone
+        registry.download_model(v1.version, dst=tmp_path / "probe")
+    assert inference.registry_loader(load_dir, work_dir=work)(v1).version == v1.version
+    assert seen[1] == seen[0]
+
+    def broken(path: Path, info: Any) -> ServingModel:
+        raise ModelLoadError("cannot load")
+
+    with pytest.raises(ModelLoadError):
+        inference.registry_loader(broken, work_dir=work)(v1)
+    assert not seen[0].exists(), "a copy that failed to load must be dropped"
+
+    shutil.move(saved, artifacts)
+    v2 = registry.register_model_dir(tiny_model_dir, reason="cache test 2")
+    loader = inference.registry_loader(load_dir, work_dir=work, keep_versions=1)
+    loader(v1)
+    loader(v2)
+    kept = [p.name for p in (work / "models").iterdir()]
+    assert len(kept) == 1 and kept[0].startswith(f"sentiment-v{v2.version}-"), kept
