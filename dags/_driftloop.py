@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import pendulum
 
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
-DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=20), "owner": "driftloop"}
+# A task that fails on a passing outage (MLflow, the database) is tried again; a deployment whose
+# services take long to come back can allow more tries or a longer pause (read at parse time).
+DEFAULT_ARGS = {
+    "retries": int(os.environ.get("DRIFTLOOP_TASK_RETRIES", "2")),
+    "retry_delay": timedelta(seconds=float(os.environ.get("DRIFTLOOP_RETRY_DELAY", "20"))),
+    "owner": "driftloop",
+}
 
 
 def actor() -> str:
