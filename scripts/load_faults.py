@@ -822,9 +822,9 @@ def service_kill(lab: FaultLab) -> ScenarioReport:
         lab.stack.start_service()
         lab.wait_ready(timeout=300)
         ready = s.event("the service answers /readyz again") - restarted_at
-        first_ok = next(
-            (o.sent_at + o.latency_ms / 1000 for o in lab_outcomes(s) if o.sent_at > killed_at),
-            None,
+        first_ok = min(
+            (o.sent_at + o.latency_ms / 1000 for o in answered(s) if o.sent_at > killed_at),
+            default=None,
         )
         s.recovery["kill -> first answered request"] = (
             None if first_ok is None else round(first_ok - killed_at, 2)
@@ -869,9 +869,9 @@ def service_kill(lab: FaultLab) -> ScenarioReport:
     )
 
 
-def lab_outcomes(s: Scenario) -> list[Outcome]:
-    """The answered requests so far, in the order they were sent."""
-    return sorted((o for o in s.gen.snapshot() if o.status == 200), key=lambda o: o.sent_at)
+def answered(s: Scenario) -> list[Outcome]:
+    """The requests answered with a 200 so far."""
+    return [o for o in s.gen.snapshot() if o.status == 200]
 
 
 def corrupt_artifact(lab: FaultLab) -> ScenarioReport:
