@@ -31,8 +31,6 @@ import logging
 import os
 import platform
 import random
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +45,9 @@ from pydantic import BaseModel
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(REPO_ROOT))
+
+from scripts.airflow_api import terminate_group  # noqa: E402
+from scripts.native_stack import free_port  # noqa: E402
 
 log = logging.getLogger("serve_bench")
 
@@ -285,12 +286,6 @@ def measure_server(
 # ------------------------------------------------------------------------------------ servers
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Server:
     """A server subprocess in its own process group, stopped on exit."""
 
@@ -330,13 +325,7 @@ class Server:
         raise RuntimeError(f"{self.name} not ready after {timeout:.0f} s; see {self.log_path}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        terminate_group(self.proc, timeout=30)
         self._log.close()
 
 

@@ -19,9 +19,10 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from scripts.airflow_api import terminate_group  # noqa: E402
 from scripts.native_stack import LocalServers, ServersMissing, free_port  # noqa: E402
 
-__all__ = ["PrivateServices", "free_port", "wait_for"]
+__all__ = ["PrivateServices", "free_port", "terminate_group", "wait_for"]
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:

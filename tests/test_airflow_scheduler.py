@@ -4,7 +4,6 @@ metadata, SQLite MLflow), triggered and followed through Airflow's REST API as `
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scripts.airflow_api import LocalAirflow  # noqa: E402
+from scripts.native_stack import free_port  # noqa: E402
 from scripts.stack_env import stack_env  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_train_model_on_standalone_scheduler(tmp_path, tiny_model_dir, monkeypatch) -> None:

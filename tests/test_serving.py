@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from servers import PrivateServices, free_port, wait_for
+from servers import PrivateServices, free_port, terminate_group, wait_for
 
 from ml.params import LABELS
 
@@ -145,13 +144,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
             wait_for(ready, 240, "the service to become ready", every=0.5)
             yield stack
         finally:
-            if process is not None and process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait(10)
+            terminate_group(process, timeout=30)
             services.stop_all()
             get_settings.cache_clear()
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from servers import free_port, terminate_group
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENTO_DIR = REPO_ROOT / "bentos" / "sentiment"
@@ -47,12 +46,6 @@ def test_bento_requirements_are_the_locked_versions() -> None:
         if v not in locked.get(n, set())
     }
     assert drifted == {}, f"requirements.txt differs from uv.lock: {drifted}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.mark.slow
@@ -130,9 +123,4 @@ def test_bentoml_build_works_offline_and_the_bento_serves(
         assert resp.status_code == 200, resp.text
         assert resp.json()["model_version"] == version.version
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        terminate_group(proc, timeout=30)

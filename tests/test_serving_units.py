@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 
 import pytest
+from servers import free_port
 
 from bentos.sentiment.guard import (
     ClientError,
@@ -99,10 +99,7 @@ def test_redis_cache_round_trips_scores(redis_url: str) -> None:
 
 
 def dead_redis_url() -> str:
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"redis://127.0.0.1:{port}/0"
+    return f"redis://127.0.0.1:{free_port()}/0"  # a port nobody listens on
 
 
 def test_unreachable_redis_means_misses_and_one_warning(caplog: pytest.LogCaptureFixture) -> None:
