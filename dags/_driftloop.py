@@ -25,13 +25,16 @@ def actor() -> str:
     return f"dag:{ctx['dag'].dag_id}/{ctx['run_id']}"
 
 
-def drift_schedule() -> str | None:
-    """``drift.schedule`` from params.yaml (a small YAML read: fine at parse time)."""
-    import os
+def schedule_from_params(section: str, default: str) -> str | None:
+    """``<section>.schedule`` from params.yaml (a small YAML read: fine at parse time).
+
+    ``none`` (or an empty value) turns the schedule off: the DAG then runs only when triggered,
+    as in ``make demo``, whose scripted steps must be the only runs.
+    """
     from pathlib import Path
 
     import yaml
 
     path = Path(os.environ.get("DRIFTLOOP_PARAMS") or Path(__file__).parents[1] / "params.yaml")
-    value = ((yaml.safe_load(path.read_text()) or {}).get("drift") or {}).get("schedule")
+    value = ((yaml.safe_load(path.read_text()) or {}).get(section) or {}).get("schedule", default)
     return None if value in (None, "", "none", "None") else str(value)

@@ -3,8 +3,10 @@
 
 Decides the fate of a challenger serving a canary share of live traffic.
 
-**evaluate**, then one of four outcomes:
+**evaluate**, then one of five outcomes:
 
+- `nothing_to_judge`: no model registry or no champion yet; the run ends without opening a
+  store it does not need.
 - `no_canary`: no challenger is on canary traffic.
 - `waiting`: not enough live evidence yet (see `rollout:` in params.yaml).
 - `canary_promoted`: on its share of traffic the challenger did not err more, was not slower,
@@ -19,7 +21,7 @@ Every decision is written to the audit table with its evidence (`driftloop audit
 
 from __future__ import annotations
 
-from _driftloop import DEFAULT_ARGS, START, actor
+from _driftloop import DEFAULT_ARGS, START, actor, schedule_from_params
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import dag, task
 
@@ -28,7 +30,7 @@ OUTCOMES = {"promote": "canary_promoted", "rollback": "canary_rolled_back", "wai
 
 @dag(
     dag_id="canary_rollout",
-    schedule="*/10 * * * *",
+    schedule=schedule_from_params("rollout", "*/10 * * * *"),
     start_date=START,
     catchup=False,
     max_active_runs=1,
@@ -39,8 +41,14 @@ OUTCOMES = {"promote": "canary_promoted", "rollback": "canary_rolled_back", "wai
 def canary_rollout() -> None:
     @task.branch
     def evaluate() -> str:
+        import logging
+
         from ml import loop, rollout
 
+        why = loop.nothing_to_judge(traffic=False)
+        if why:
+            logging.getLogger(__name__).info("nothing to judge: %s", why)
+            return loop.NOTHING_TO_JUDGE
         decision = rollout.evaluate_canary(actor=actor())
         if decision is None:
             return "no_canary"
@@ -53,7 +61,8 @@ def canary_rollout() -> None:
             )
         return OUTCOMES[decision.action]
 
-    evaluate() >> [EmptyOperator(task_id=t) for t in ("no_canary", *OUTCOMES.values())]
+    ends = ("nothing_to_judge", "no_canary", *OUTCOMES.values())
+    evaluate() >> [EmptyOperator(task_id=t) for t in ends]
 
 
 canary_rollout()

@@ -3,13 +3,18 @@
 
 Watches the model in production and decides, on evidence, what to do about it.
 
-**report → decide**, then one of four outcomes:
+**check → report → decide**, then one of five outcomes:
 
+- `nothing_to_judge`: no model registry, no champion, or no prediction by the champion in the
+  window: the run ends at `check`, without opening a store it does not need.
 - `no_drift`: nothing crossed its threshold (or the window had too few predictions to judge).
 - `retrain`: the window's inputs, embeddings or predictions drifted from the champion's
-  reference, or its quality on live feedback dropped. The window's labelled rows that pass the
-  Great Expectations gate become a new DVC-tracked batch (`data/feedback/`), and `train_model`
-  is triggered with the reason and the report, so its MLflow run says why it exists.
+  reference, or its quality on live feedback dropped. `retrain` takes the single-retraining lock
+  (a setup task; a retry of this run keeps it), `record_window` turns the window's labelled rows
+  that pass the Great Expectations gate into a new batch (`DRIFTLOOP_FEEDBACK_DIR`, default
+  `data/feedback/`, DVC-tracked), and `train_model` is triggered with the reason and the report,
+  so its MLflow run says why it exists. The teardown `release_retraining` frees the lock if
+  anything before the trigger failed; once triggered, `train_model` frees it when it ends.
 - `retraining_in_progress`: drift again, but a retraining still holds the lock: nothing starts.
 - `rollback`: the champion is significantly worse on live feedback than the version before it;
   `champion` moves back, and the audit table says why.
@@ -21,15 +26,15 @@ version it judged, and in the Evidently workspace (`driftloop reports`). Window 
 
 from __future__ import annotations
 
-from _driftloop import DEFAULT_ARGS, START, actor, drift_schedule
+from _driftloop import DEFAULT_ARGS, START, actor, schedule_from_params
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Param, dag, get_current_context, setup, task, teardown
 
 
 @dag(
     dag_id="monitor_drift",
-    schedule=drift_schedule(),
+    schedule=schedule_from_params("drift", "@hourly"),
     start_date=START,
     catchup=False,
     max_active_runs=1,
@@ -43,6 +48,20 @@ from airflow.sdk import Param, dag, get_current_context, task
     },
 )
 def monitor_drift() -> None:
+    @task.branch
+    def check(params: dict | None = None) -> str:
+        """End at once when there is nothing to judge: no registry, no champion, no traffic."""
+        import logging
+
+        from ml import loop
+
+        p = params or {}
+        why = loop.nothing_to_judge(p.get("since"), p.get("until"))
+        if why:
+            logging.getLogger(__name__).info("nothing to judge: %s", why)
+            return loop.NOTHING_TO_JUDGE
+        return "report"
+
     @task
     def report(params: dict | None = None) -> dict:
         from ml import loop
@@ -65,27 +84,37 @@ def monitor_drift() -> None:
         get_current_context()["ti"].xcom_push(key="decision", value=decision.to_dict())
         return decision.outcome
 
-    @task
-    def retrain(drift: dict) -> dict:
-        """Record the labelled window as a new data version, take the lock, build the conf."""
+    @setup
+    def retrain(drift: dict) -> str:
+        """Take the single-retraining lock for this run (a retry of the run keeps it)."""
         from airflow.sdk.exceptions import AirflowSkipException
 
         from ml import loop
 
-        signals = ", ".join(s["name"] for s in drift["signals"] if s["drifted"]) or "quality"
-        reason = f"drift ({signals}) in {drift['window_start']}..{drift['window_end']}"
-        token = loop.acquire_retraining(reason)
+        ctx = get_current_context()
+        token = loop.acquire_retraining(
+            loop.retrain_reason(drift), token=loop.run_token(ctx["dag"].dag_id, ctx["run_id"])
+        )
         if token is None:
             raise AirflowSkipException("another retraining holds the lock")
-        window = loop.record_labelled_window(drift["window_start"], drift["window_end"])
-        loop.emit_metric("retrainings", 1, kind="counter", reason="drift")
-        return {
-            "reason": f"{reason}; report {drift['report_dir']}",
-            "drift_report": drift["report_dir"],
-            "extra_paths": loop.feedback_batches(),
-            "retraining_token": token,
-            "labelled_window": window,
-        }
+        return token
+
+    @task
+    def record_window(drift: dict, token: str) -> dict:
+        """Record the labelled window as a new data version; build train_model's conf."""
+        from ml import loop
+
+        return loop.retraining_conf(drift, token)
+
+    @teardown
+    def release_retraining(token: str) -> bool:
+        """Free the lock if anything failed before train_model took it over."""
+        from ml import loop
+
+        triggered = get_current_context()["ti"].xcom_pull(
+            task_ids="trigger_train_model", key="trigger_run_id"
+        )
+        return loop.release_unless_handed_over(token, triggered)
 
     @task
     def rollback(drift: dict) -> dict:
@@ -99,21 +128,22 @@ def monitor_drift() -> None:
         return move.to_dict()
 
     drift = report()
-    branch = decide(drift)
-    conf = retrain(drift)
+    check() >> [EmptyOperator(task_id="nothing_to_judge"), drift]
+    token = retrain(drift)
+    conf = record_window(drift, token)
     trigger_train_model = TriggerDagRunOperator(
         task_id="trigger_train_model",
         trigger_dag_id="train_model",
         conf=conf,
         wait_for_completion=False,
     )
-    branch >> [
+    decide(drift) >> [
         EmptyOperator(task_id="no_drift"),
-        conf,
+        token,
         EmptyOperator(task_id="retraining_in_progress"),
         rollback(drift),
     ]
-    conf >> trigger_train_model
+    conf >> trigger_train_model >> release_retraining(token)
 
 
 monitor_drift()

@@ -27,7 +27,7 @@ from datetime import timedelta
 
 from _driftloop import DEFAULT_ARGS, START, actor
 from airflow.providers.standard.operators.empty import EmptyOperator
-from airflow.sdk import Param, dag, task
+from airflow.sdk import Param, dag, task, teardown
 
 
 @dag(
@@ -113,28 +113,22 @@ def train_model() -> None:
 
         return pipeline.promote_or_canary(version, actor=actor())
 
-    @task(trigger_rule="all_done", retries=3)
+    @teardown
+    @task(retries=3)
     def release_retraining(params: dict | None = None) -> bool:
         """Free the single-retraining lock taken by monitor_drift, however this run ended."""
         from ml import loop
 
         return loop.release_retraining((params or {}).get("retraining_token"))
 
-    @task(trigger_rule="one_failed", retries=0)
-    def watcher() -> None:
-        """Fail the run when any task failed (the lock release above always succeeds)."""
-        from airflow.sdk.exceptions import AirflowFailException
-
-        raise AirflowFailException("a task of this run failed; see its log")
-
     steps = [prepare()]
     for step in (validate, train, evaluate, register, promote):
         steps.append(step(steps[-1]))
     ends = [EmptyOperator(task_id=t) for t in ("promoted", "canary_started", "kept_champion")]
     steps[-1] >> ends
-    release = release_retraining()
-    ends >> release
-    [*steps, release] >> watcher()
+    # A teardown runs once every task before it is done, whatever their states, and its own
+    # state never decides the run's: a failed step still fails the run.
+    [*steps, *ends] >> release_retraining()
 
 
 train_model()

@@ -187,6 +187,19 @@ def rollback(
 
 
 @app.command()
+def setup(
+    repair: Annotated[
+        bool, typer.Option(help="Repair a half-migrated SQLite MLflow store (keeps a backup).")
+    ] = False,
+) -> None:
+    """Create or upgrade every store (MLflow's backend, driftloop's tables) before first use."""
+    from ml.settings import get_settings
+    from ml.stores import init_all
+
+    _emit([s.to_dict() for s in init_all(get_settings(), repair=repair)])
+
+
+@app.command()
 def status() -> None:
     """Champion and challenger with their metrics and lineage, as JSON."""
     from ml.registry import CHALLENGER, CHAMPION, client, get_alias
@@ -410,5 +423,16 @@ def _actor() -> str:
     return f"cli:{user}"
 
 
+def run() -> None:
+    """The ``driftloop`` entry point: a store that cannot be used is an error, not a traceback."""
+    from ml.stores import StoreError
+
+    try:
+        app()
+    except StoreError as exc:
+        _setup_logging()
+        raise SystemExit(f"error: {exc}") from None
+
+
 if __name__ == "__main__":
-    app()
+    run()

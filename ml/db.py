@@ -1,7 +1,7 @@
 """driftloop's own tables in ``DATABASE_URL`` (SQLite by default, PostgreSQL when set).
 
 The schema is plain SQLAlchemy Core so that SQLite and PostgreSQL behave the same; tables are
-created on first use, never on import.
+created on first use (or by ``driftloop setup``) under a cross-process lock, never on import.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from functools import lru_cache
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+
+from ml.stores import ensure_tables
 
 metadata = sa.MetaData()
 
@@ -41,13 +43,13 @@ def normalise_url(url: str) -> str:
 
 @lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
-    """One engine per URL per process, with the tables created if missing."""
+    """One engine per URL per process, with the tables created if missing (under a lock)."""
     url = normalise_url(url)
     kwargs: dict[str, object] = {"pool_pre_ping": True, "future": True}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 30}
     engine = sa.create_engine(url, **kwargs)
-    metadata.create_all(engine)
+    ensure_tables(engine, metadata)
     return engine
 
 

@@ -30,6 +30,7 @@ NO_DRIFT = "no_drift"
 RETRAIN = "retrain"
 ROLLBACK = "rollback"
 BUSY = "retraining_in_progress"
+NOTHING_TO_JUDGE = "nothing_to_judge"
 LOCK_NAME = "retraining"
 
 
@@ -43,6 +44,48 @@ class LoopDecision:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def nothing_to_judge(
+    since: datetime | str | None = None,
+    until: datetime | str | None = None,
+    *,
+    traffic: bool = True,
+) -> str | None:
+    """Why a scheduled run has nothing to judge, or None when it has something.
+
+    Checked cheapest first, and without creating a store that does not exist yet: no model
+    registry, no champion, or (with ``traffic``) no prediction by the champion in the window
+    ``[since, until)`` (default the last ``drift.window_hours``).
+    """
+    from ml.drift import window_bounds
+    from ml.params import DriftParams
+    from ml.stores import store_exists
+
+    settings = get_settings()
+    if not store_exists(settings.mlflow_tracking_uri):
+        return "no model registry yet: nothing has been trained"
+    champion = registry.get_alias(registry.CHAMPION)
+    if champion is None:
+        return "no champion to judge: nothing has been promoted"
+    if not traffic:
+        return None
+    if not store_exists(settings.database_url):
+        return "no prediction log yet: nothing has been served"
+    start, end = window_bounds(since, until, DriftParams.from_params())
+    query = sa.select(sa.func.count()).where(
+        predictions.c.model_version == champion.version,
+        predictions.c.at >= start,
+        predictions.c.at < end,
+    )
+    with get_engine(settings.database_url).connect() as conn:
+        served = int(conn.execute(query).scalar_one())
+    if served == 0:
+        return (
+            f"no traffic: champion v{champion.version} answered no request in "
+            f"{start.isoformat()} .. {end.isoformat()}"
+        )
+    return None
 
 
 def champion_vs_previous(since: datetime | None = None) -> dict[str, Any] | None:
@@ -116,6 +159,25 @@ def decide(
     )
 
 
+def retrain_reason(drift: dict[str, Any]) -> str:
+    """Why a drift report starts a retraining: its drifted signals and window."""
+    signals = ", ".join(s["name"] for s in drift["signals"] if s["drifted"]) or "quality"
+    return f"drift ({signals}) in {drift['window_start']}..{drift['window_end']}"
+
+
+def retraining_conf(drift: dict[str, Any], token: str) -> dict[str, Any]:
+    """Record the window's labelled rows as a batch; the ``train_model`` conf that uses them."""
+    window = record_labelled_window(drift["window_start"], drift["window_end"])
+    emit_metric("retrainings", 1, kind="counter", reason="drift")
+    return {
+        "reason": f"{retrain_reason(drift)}; report {drift['report_dir']}",
+        "drift_report": drift["report_dir"],
+        "extra_paths": feedback_batches(),
+        "retraining_token": token,
+        "labelled_window": window,
+    }
+
+
 def labelled_window(since: datetime, until: datetime) -> Any:
     """Production rows of the window that got a true label back (columns label, text)."""
     import pandas as pd
@@ -130,12 +192,9 @@ def labelled_window(since: datetime, until: datetime) -> Any:
     return pd.DataFrame(rows, columns=["label", "text"])
 
 
-FEEDBACK_DIR = REPO_ROOT / "data" / "feedback"
-
-
-def feedback_batches(folder: Path = FEEDBACK_DIR) -> list[str]:
+def feedback_batches(folder: Path | None = None) -> list[str]:
     """Every labelled production batch recorded so far (each passed the gate when recorded)."""
-    return sorted(str(p) for p in folder.glob("window-*.tsv"))
+    return sorted(str(p) for p in (folder or get_settings().feedback_dir).glob("window-*.tsv"))
 
 
 def emit_metric(name: str, value: float, *, kind: str = "gauge", **labels: str) -> None:
@@ -179,16 +238,18 @@ def record_labelled_window(
     *,
     params: Params | None = None,
     dvc: bool = True,
-    folder: Path = FEEDBACK_DIR,
+    folder: Path | None = None,
 ) -> dict[str, Any] | None:
-    """Turn the window's labelled rows into a training batch under ``data/feedback/``.
+    """Turn the window's labelled rows into a training batch under ``settings.feedback_dir``.
 
     Rows that cannot pass the gate on their own (unknown label, empty or over-long text,
     duplicates) are dropped first; the rest must then pass the whole suite, else nothing is
-    added. The file is tracked with ``dvc add`` so the data version is recorded.
+    added. Inside the DVC repo the file is tracked with ``dvc add``; elsewhere (a volume of the
+    compose stack) its md5 is recorded, so the data version is known either way.
     """
     from ml.validation import validate_frame
 
+    folder = folder or get_settings().feedback_dir
     params = params or load_params()
     since, until = _as_utc(since), _as_utc(until)
     table = labelled_window(since, until)
@@ -211,7 +272,8 @@ def record_labelled_window(
     path = folder / f"window-{stamp}.tsv"
     path.parent.mkdir(parents=True, exist_ok=True)
     clean.to_csv(path, sep="\t", index=False)
-    md5 = _dvc_add(path) if dvc else None
+    in_repo = path.resolve().is_relative_to(REPO_ROOT)
+    md5 = (_dvc_add(path) if dvc and in_repo else None) or _md5(path)
     log.info("recorded %d labelled production rows (%d dropped) as %s", len(clean), dropped, path)
     return {
         "path": str(path),
@@ -219,6 +281,12 @@ def record_labelled_window(
         "dropped": dropped,
         "md5": md5,
     }
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
 
 
 def _dvc_add(path: Path) -> str | None:
@@ -241,13 +309,17 @@ def _dvc_add(path: Path) -> str | None:
     return dvc_hash(path)
 
 
-def acquire_retraining(reason: str, *, ttl: timedelta = timedelta(hours=6)) -> str | None:
-    """Take the retraining lock; return its token, or None if a retraining holds it.
+def acquire_retraining(
+    reason: str, *, token: str | None = None, ttl: timedelta = timedelta(hours=6)
+) -> str | None:
+    """Take the retraining lock; return its token, or None if another retraining holds it.
 
-    A lock older than ``ttl`` is considered abandoned (its run died) and is taken over.
+    ``token`` ties the lock to its owner (a DAG run, see :func:`run_token`): the owner asking
+    again, a retry of the same run, carries on with the lock it already holds. A lock older than
+    ``ttl`` is considered abandoned (its run died) and is taken over.
     """
     engine = get_engine(get_settings().database_url)
-    token = uuid.uuid4().hex
+    token = token or uuid.uuid4().hex
     now = datetime.now(tz=UTC)
     with engine.begin() as conn:
         held = (
@@ -256,6 +328,9 @@ def acquire_retraining(reason: str, *, ttl: timedelta = timedelta(hours=6)) -> s
             .first()
         )
         if held is not None:
+            if held["token"] == token:
+                log.info("the retraining lock is already ours (%s): carrying on", token)
+                return token
             acquired = held["acquired_at"]
             if acquired.tzinfo is None:
                 acquired = acquired.replace(tzinfo=UTC)
@@ -275,6 +350,13 @@ def acquire_retraining(reason: str, *, ttl: timedelta = timedelta(hours=6)) -> s
     return token
 
 
+def run_token(dag_id: str, run_id: str) -> str:
+    """The retraining-lock token of one DAG run: the same for every try of that run."""
+    import hashlib
+
+    return hashlib.sha256(f"{dag_id}/{run_id}".encode()).hexdigest()[:32]
+
+
 def retraining_running() -> bool:
     engine = get_engine(get_settings().database_url)
     with engine.connect() as conn:
@@ -284,6 +366,18 @@ def retraining_running() -> bool:
             ).first()
             is not None
         )
+
+
+def release_unless_handed_over(token: str | None, handed_over_to: str | None) -> bool:
+    """Teardown of the run that took the lock: release it unless a retraining took it over.
+
+    ``handed_over_to`` is the triggered ``train_model`` run (which releases the lock when it
+    ends), or None when anything between taking the lock and that trigger failed.
+    """
+    if handed_over_to:
+        log.info("retraining lock handed over to train_model run %s", handed_over_to)
+        return False
+    return release_retraining(token)
 
 
 def release_retraining(token: str | None) -> bool:

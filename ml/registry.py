@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from ml.db import alias_audit, get_engine
 from ml.settings import Settings, get_settings
+from ml.stores import ensure_mlflow_store
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -72,10 +73,14 @@ class AliasMove:
 
 
 def client(settings: Settings | None = None) -> MlflowClient:
-    """An MLflow client on the configured tracking/registry URI (sets the global URI too)."""
+    """An MLflow client on the configured tracking/registry URI (sets the global URI too).
+
+    The backend store is created or checked first, once per process (:mod:`ml.stores`).
+    """
     import mlflow
 
     settings = settings or get_settings()
+    ensure_mlflow_store(settings)
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     mlflow.set_registry_uri(settings.mlflow_tracking_uri)
     return mlflow.MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)

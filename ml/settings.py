@@ -43,6 +43,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("DRIFTLOOP_BASE_MODEL"),
         description="Local HF checkpoint to fine-tune from (default: the packaged MiniLM).",
     )
+    feedback_dir_: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DRIFTLOOP_FEEDBACK_DIR"),
+        description="Where labelled production batches are written (default data/feedback).",
+    )
     params_path: Path = Field(
         default=REPO_ROOT / "params.yaml", validation_alias=AliasChoices("DRIFTLOOP_PARAMS")
     )
@@ -103,6 +108,15 @@ class Settings(BaseSettings):
     def artifact_root(self) -> Path:
         """Local MLflow artifact store used with the embedded default backend."""
         return self.home / "mlartifacts"
+
+    @property
+    def feedback_dir(self) -> Path:
+        """Labelled production batches: ``data/feedback/`` (DVC-tracked) unless set elsewhere.
+
+        A deployment whose ``data/`` is read-only (the compose stack) points this at a
+        writable, persistent volume.
+        """
+        return self.feedback_dir_ or REPO_ROOT / "data" / "feedback"
 
     @property
     def reports_dir(self) -> Path:

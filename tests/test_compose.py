@@ -37,7 +37,7 @@ DOCS = REPO_ROOT / "docs" / "running-at-scale.md"
 CHECK_JSONSCHEMA = Path(sys.executable).parent / "check-jsonschema"
 
 AIRFLOW_SERVICES = {
-    "airflow-init": ["airflow", "db", "migrate"],
+    "airflow-init": ["bash", "-c", "airflow db migrate && python -m ml.cli setup"],
     "airflow-api-server": ["airflow", "api-server"],
     "airflow-scheduler": ["airflow", "scheduler"],
     "airflow-dag-processor": ["airflow", "dag-processor"],
@@ -893,3 +893,83 @@ def test_the_docs_name_every_metric_the_dashboard_expects_from_the_loop() -> Non
     for variable in ("DRIFTLOOP_STATSD_HOST", "DRIFTLOOP_STATSD_PORT"):
         assert variable in docs
         assert variable in services()["airflow-worker"]["environment"]
+
+
+# ------------------------------------------------------------------------ writable state
+
+
+def mounts(svc: dict[str, Any]) -> list[tuple[str, bool]]:
+    """Each volume of a service as (target in the container, writable)."""
+    out = []
+    for volume in svc.get("volumes") or []:
+        if isinstance(volume, dict):
+            out.append((volume["target"], not volume.get("read_only", False)))
+            continue
+        parts = str(volume).split(":")
+        mode = parts[2] if len(parts) > 2 else "rw"
+        out.append((parts[1], "ro" not in mode.split(",")))
+    return out
+
+
+def task_write_paths(env: Mapping[str, str]) -> dict[str, str]:
+    """Every folder a DAG task writes, as driftloop's settings resolve it in the container."""
+    from ml.settings import REPO_ROOT, Settings
+
+    container_root = Path(env["AIRFLOW__CORE__DAGS_FOLDER"]).parent
+    where = ("DRIFTLOOP_HOME", "DRIFTLOOP_FEEDBACK_DIR")
+    given = {k: env[k] for k in where if k in env}
+    settings = Settings(**{"DRIFTLOOP_FEEDBACK_DIR": None, **given})
+
+    def inside(path: Path) -> str:
+        return str(container_root / path.relative_to(REPO_ROOT)) if path.is_relative_to(
+            REPO_ROOT) else str(path)
+
+    paths = {
+        "home": settings.home,
+        "reports": settings.reports_dir,
+        "data docs": settings.data_docs_dir,
+        "work (batches, checkpoints, model cache)": settings.work_dir,
+        "feedback batches": settings.feedback_dir,
+        "Evidently workspace": settings.home / "evidently",
+    }
+    if not str(env.get("MLFLOW_TRACKING_URI", "")).startswith(("http://", "https://")):
+        paths["MLflow artifacts"] = settings.artifact_root
+    out = {name: inside(path) for name, path in paths.items()}
+    out["Airflow task logs"] = f"{env['AIRFLOW_HOME']}/logs"
+    return out
+
+
+def unwritable_paths(svc: dict[str, Any]) -> list[str]:
+    """Task write paths that are not on a writable mount (read-only, or the container layer)."""
+    env = _env(svc)
+    problems = []
+    for name, path in task_write_paths(env).items():
+        covering = [
+            (t, w) for t, w in mounts(svc) if path == t or path.startswith(t.rstrip("/") + "/")
+        ]
+        if not covering:
+            problems.append(f"{name} ({path}) is on no volume: lost when the container goes")
+            continue
+        target, writable = max(covering, key=lambda m: len(m[0]))  # the innermost mount wins
+        if not writable:
+            problems.append(f"{name} ({path}) is on the read-only mount {target}")
+    return problems
+
+
+def test_every_path_a_task_writes_is_on_a_writable_mount() -> None:
+    svcs = services()
+    for name in ("airflow-worker", "airflow-scheduler", "airflow-dag-processor"):
+        assert unwritable_paths(svcs[name]) == [], name
+
+
+def test_the_mount_check_catches_a_read_only_feedback_folder() -> None:
+    worker = services()["airflow-worker"]
+    worker["environment"].pop("DRIFTLOOP_FEEDBACK_DIR")  # the default: <repo>/data/feedback
+    assert unwritable_paths(worker) == [
+        "feedback batches (/opt/driftloop/data/feedback) is on the read-only mount "
+        "/opt/driftloop/data"
+    ]
+    worker["environment"]["DRIFTLOOP_FEEDBACK_DIR"] = "/tmp/feedback"
+    assert unwritable_paths(worker) == [
+        "feedback batches (/tmp/feedback) is on no volume: lost when the container goes"
+    ]

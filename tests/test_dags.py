@@ -97,20 +97,48 @@ def test_train_model_shape(dagbag) -> None:
         "canary_started",
         "kept_champion",
         "release_retraining",
-        "watcher",
     } <= ids
     assert dag.get_task("promote").downstream_task_ids >= {
         "promoted",
         "canary_started",
         "kept_champion",
     }
-    assert dag.get_task("release_retraining").trigger_rule == "all_done"
-    watcher = dag.get_task("watcher")
-    assert watcher.trigger_rule == "one_failed" and not watcher.downstream_task_ids
-    assert {t.task_id for t in dag.tasks} - {"watcher"} - {
-        t.task_id for t in dag.tasks if "watcher" in t.downstream_task_ids
-    } <= {"promoted", "canary_started", "kept_champion"}, "a task the watcher does not watch"
+    # The lock is released by a teardown that waits for every other task, whatever its state;
+    # no watcher is needed, since a teardown never decides the run's state.
+    release = dag.get_task("release_retraining")
+    assert release.is_teardown and release.trigger_rule == "all_done_setup_success"
+    assert release.upstream_task_ids == ids - {"release_retraining"}
     assert dag.get_task("validate").upstream_task_ids == {"prepare"}
     assert dag.get_task("train").upstream_task_ids == {"validate"}
     assert set(dag.params.keys()) >= {"max_examples", "epochs", "reason", "extra_paths"}
     assert dag.max_active_runs == 1
+
+
+def test_monitor_drift_shape(dagbag) -> None:
+    dag = dagbag.dags["monitor_drift"]
+    check = dag.get_task("check")
+    assert not check.upstream_task_ids
+    assert check.downstream_task_ids == {"nothing_to_judge", "report"}
+    assert dag.get_task("decide").downstream_task_ids == {
+        "no_drift",
+        "retrain",
+        "retraining_in_progress",
+        "rollback",
+    }
+    # retrain takes the lock (setup); the teardown frees it unless train_model was triggered.
+    take, release = dag.get_task("retrain"), dag.get_task("release_retraining")
+    assert take.is_setup and release.is_teardown
+    assert release.upstream_task_ids == {"retrain", "trigger_train_model"}
+    assert dag.get_task("trigger_train_model").upstream_task_ids == {"record_window"}
+    assert dag.get_task("record_window").upstream_task_ids == {"report", "retrain"}
+
+
+def test_canary_rollout_ends_in_a_named_outcome(dagbag) -> None:
+    dag = dagbag.dags["canary_rollout"]
+    assert dag.get_task("evaluate").downstream_task_ids == {
+        "nothing_to_judge",
+        "no_canary",
+        "waiting",
+        "canary_promoted",
+        "canary_rolled_back",
+    }

@@ -56,6 +56,25 @@ def test_only_one_retraining_at_a_time(tmp_home) -> None:
     assert second and second != first
 
 
+def test_a_retry_of_the_same_run_carries_on_with_its_own_lock(tmp_home) -> None:
+    mine = loop.run_token("monitor_drift", "scheduled__2026-12-01T10:00:00+00:00")
+    assert mine == loop.run_token("monitor_drift", "scheduled__2026-12-01T10:00:00+00:00")
+    assert loop.acquire_retraining("drift", token=mine) == mine
+    assert loop.acquire_retraining("drift, try 2", token=mine) == mine  # the retry proceeds
+    other = loop.run_token("monitor_drift", "scheduled__2026-12-01T11:00:00+00:00")
+    assert loop.acquire_retraining("drift, next run", token=other) is None  # another run waits
+    assert loop.decide(DRIFT, retraining_running=loop.retraining_running()).outcome == (
+        "retraining_in_progress")
+
+
+def test_the_lock_is_freed_unless_train_model_took_it_over(tmp_home) -> None:
+    token = loop.acquire_retraining("drift", token="run-a")
+    assert not loop.release_unless_handed_over(token, "manual__train_model_run")
+    assert loop.retraining_running()  # train_model's own teardown frees it when it ends
+    assert loop.release_unless_handed_over(token, None)  # recording or triggering failed
+    assert not loop.retraining_running()
+
+
 def test_stale_lock_is_taken_over(tmp_home) -> None:
     engine = get_engine(get_settings().database_url)
     with engine.begin() as conn:

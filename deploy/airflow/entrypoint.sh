@@ -23,7 +23,7 @@ PY
 fi
 
 if [[ -n ${DRIFTLOOP_HOME:-} ]]; then
-    mkdir -p "$DRIFTLOOP_HOME"/{reports,work,evidently} \
+    mkdir -p "$DRIFTLOOP_HOME"/{reports,work,evidently,feedback} \
         || echo "driftloop-entrypoint: cannot create folders under $DRIFTLOOP_HOME;" \
             "is its volume owned by another user than $(id -u)?" >&2
 fi
