@@ -11,14 +11,17 @@ UV     := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 STACK  := eval "$$($(PY) scripts/stack_env.py)" && export PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv data airflow-db demo demo-train demo-fast serve test test-fast lint dvc-repro airflow-ui mlflow-ui \
-        services-start services-stop bench-serve load-test fuzz-api clean
+.PHONY: help setup venv data airflow-db stores demo demo-train demo-fast demo-check serve test test-fast lint \
+        dvc-repro airflow-ui mlflow-ui services-install services-start services-stop bench-serve \
+        load-test fuzz-api clean
 
 help: ## Show this help
 	@echo "driftloop: an Airflow-orchestrated MLOps loop for a tweet sentiment classifier"
 	@echo
-	@echo "  make demo    run the whole loop end to end (sets everything up on first use)"
-	@echo "  make test    run the tests (installs PostgreSQL/Redis from Debian if missing)"
+	@echo "  make demo        run the whole loop end to end (sets everything up on first use)"
+	@echo "  make test        run every test (installs PostgreSQL/Redis from Debian first if"
+	@echo "                   missing; a missing server fails its tests, it never skips them)"
+	@echo "  make test-fast   unit tests only: no servers, no apt-get"
 	@echo
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
 	  awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -41,7 +44,11 @@ airflow-db: $(VENV)/.synced ## Create/upgrade Airflow's metadata database
 	@$(STACK) && airflow db migrate > "$${DRIFTLOOP_HOME}/airflow-db-migrate.log" 2>&1 || \
 	  { tail -20 "$${DRIFTLOOP_HOME}/airflow-db-migrate.log"; exit 1; }
 
-setup: venv data airflow-db ## Everything demo needs: environment, data, Airflow metadata
+stores: $(VENV)/.synced ## Create/upgrade MLflow's backend and driftloop's tables (driftloop setup)
+	@$(STACK) && driftloop setup > "$${DRIFTLOOP_HOME}/stores-setup.log" 2>&1 || \
+	  { tail -20 "$${DRIFTLOOP_HOME}/stores-setup.log"; exit 1; }
+
+setup: venv data airflow-db stores ## Everything demo needs: environment, data, every store migrated
 
 demo: setup ## The whole loop: train, serve, drift, retrain, canary, damaged-model rollback
 	@$(STACK) && $(PY) scripts/demo.py
@@ -52,6 +59,9 @@ demo-train: setup ## Only the first step: train_model with the default parameter
 demo-fast: setup ## The same loop with smaller samples (about 20 min on 2 CPU cores)
 	@$(STACK) && $(PY) scripts/demo.py --fast
 
+demo-check: venv ## Check the last demo's summary: each step's expected outcome, no failed task try
+	@$(STACK) && $(PY) scripts/check_demo.py "$${DRIFTLOOP_HOME}/demo/summary.json"
+
 serve: setup ## Serve the champion on http://127.0.0.1:3000 (driftloop serve)
 	@$(STACK) && driftloop serve --port 3000
 
@@ -59,11 +69,13 @@ serve: setup ## Serve the champion on http://127.0.0.1:3000 (driftloop serve)
 TESTENV := export PATH="$(CURDIR)/$(VENV)/bin:$$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
   BENTOML_DO_NOT_TRACK=True
 
-test: venv data ## Run the whole test suite (real PostgreSQL and Redis on loopback)
+# `make test` installs the servers first; a test whose server binary is missing fails (naming
+# `make services-install`) unless DRIFTLOOP_ALLOW_MISSING_SERVICES=1, which only test-fast sets.
+test: services-install venv data ## Run every test (installs PostgreSQL/Redis first; real servers on loopback)
 	@$(TESTENV) && $(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: venv data ## Unit tests only (no servers, no Airflow runs)
-	@$(TESTENV) && $(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+test-fast: venv data ## Unit tests only (no servers, no Airflow runs, no apt-get)
+	@$(TESTENV) DRIFTLOOP_ALLOW_MISSING_SERVICES=1 && $(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
 lint: venv ## ruff and mypy
 	$(VENV)/bin/ruff check ml dags tests scripts benchmarks bentos monitoring
@@ -79,8 +91,11 @@ airflow-ui: setup ## Airflow UI and scheduler on http://localhost:8080 (Ctrl-C s
 mlflow-ui: venv ## MLflow UI on http://localhost:5000 over driftloop's tracking store
 	@$(STACK) && mlflow ui --backend-store-uri "$$MLFLOW_TRACKING_URI" --port 5000
 
-services-start: ## Start PostgreSQL and Redis on loopback (installs them if missing)
-	bash scripts/services.sh install && bash scripts/services.sh start && bash scripts/services.sh env
+services-install: ## Install PostgreSQL and Redis from Debian's packages where missing (root or sudo)
+	@bash scripts/services.sh install
+
+services-start: services-install ## Start PostgreSQL and Redis on loopback (installs them if missing)
+	bash scripts/services.sh start && bash scripts/services.sh env
 
 services-stop: ## Stop the loopback PostgreSQL and Redis
 	bash scripts/services.sh stop

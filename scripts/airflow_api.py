@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,24 @@ import httpx
 
 log = logging.getLogger(__name__)
 TERMINAL = {"success", "failed"}
+# A try that failed: ``failed`` (its last try, or an earlier one kept in the task instance
+# history), or ``up_for_retry`` (failed, waiting to be tried again).
+FAILED_TRY_STATES = frozenset({"failed", "up_for_retry"})
+PAGE = 100  # the API's default maximum page size ([api] maximum_page_limit)
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """An API timestamp (ISO 8601, ``Z`` or an offset) as an aware datetime; None stays None."""
+    if not value:
+        return None
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _api_time(value: datetime) -> str:
+    """A datetime as the API's query parameters take it (UTC, ``Z``)."""
+    aware = value if value.tzinfo else value.replace(tzinfo=UTC)
+    return aware.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class AirflowAPI:
@@ -85,19 +104,97 @@ class AirflowAPI:
         resp.raise_for_status()
         return dict(resp.json())
 
+    def _pages(self, path: str, key: str, params: dict[str, Any] | None = None) -> list[dict]:
+        """Every item of a paginated list endpoint (``limit``/``offset``), in the API's order."""
+        items: list[dict[str, Any]] = []
+        while True:
+            resp = self.http.get(
+                path, params={**(params or {}), "limit": PAGE, "offset": len(items)}
+            )
+            resp.raise_for_status()
+            body = resp.json()
+            page = [dict(item) for item in body[key]]
+            items += page
+            total = body.get("total_entries")
+            # total_entries where the API counts (offset pagination); a short page otherwise.
+            if not page or (len(items) >= total if total is not None else len(page) < PAGE):
+                return items
+
+    def all_task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        """Every task instance of a run, mapped ones included (one per ``map_index``)."""
+        return self._pages(
+            f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances", "task_instances"
+        )
+
     def task_instances(self, dag_id: str, run_id: str) -> dict[str, dict[str, Any]]:
         """Each task's instance (state, try_number, start and end dates, ...) by task id."""
-        resp = self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
+        return {ti["task_id"]: ti for ti in self.all_task_instances(dag_id, run_id)}
+
+    def task_tries(
+        self, dag_id: str, run_id: str, task_id: str, map_index: int = -1
+    ) -> list[dict[str, Any]]:
+        """Every try of one task instance: the earlier ones (task instance history) and the
+        current one; ``map_index`` names one instance of a mapped task. [] if there is none."""
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}"
+        path += f"/{map_index}/tries" if map_index >= 0 else "/tries"
+        resp = self.http.get(path)
+        if resp.status_code == 404:
+            return []
         resp.raise_for_status()
-        return {ti["task_id"]: dict(ti) for ti in resp.json()["task_instances"]}
+        return [dict(t) for t in resp.json()["task_instances"]]
+
+    def failed_tries(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        """Every try of every task of a run that failed, including those a retry later fixed.
+
+        Each: dag_id, run_id, task_id, map_index, try_number, state, start_date, end_date.
+        Only task instances with more than one try, or whose try failed, need their history.
+        """
+        failed: dict[tuple[str, int, int], dict[str, Any]] = {}
+        for ti in self.all_task_instances(dag_id, run_id):
+            if (ti.get("try_number") or 0) <= 1 and ti.get("state") not in FAILED_TRY_STATES:
+                continue
+            map_index = int(ti.get("map_index", -1))
+            tries = self.task_tries(dag_id, run_id, ti["task_id"], map_index) or [ti]
+            for t in tries:
+                if t.get("state") not in FAILED_TRY_STATES:
+                    continue
+                key = (str(t["task_id"]), map_index, int(t.get("try_number") or 0))
+                failed[key] = {
+                    "dag_id": dag_id,
+                    "run_id": run_id,
+                    "task_id": key[0],
+                    "map_index": map_index,
+                    "try_number": key[2],
+                    "state": t.get("state"),
+                    "start_date": t.get("start_date"),
+                    "end_date": t.get("end_date"),
+                }
+        return [failed[k] for k in sorted(failed)]
 
     def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
         return {k: ti["state"] for k, ti in self.task_instances(dag_id, run_id).items()}
 
     def list_runs(self, dag_id: str) -> list[dict[str, Any]]:
-        resp = self.http.get(f"/api/v2/dags/{dag_id}/dagRuns", params={"order_by": "-start_date"})
-        resp.raise_for_status()
-        return list(resp.json()["dag_runs"])
+        """Every run of the DAG, the newest first (all pages, in creation order: a run that
+        starts while the pages are read cannot move between them)."""
+        return self._pages(f"/api/v2/dags/{dag_id}/dagRuns", "dag_runs", {"order_by": "-id"})
+
+    def runs_since(self, dag_id: str, since: datetime) -> list[dict[str, Any]]:
+        """The runs created at or after ``since`` (manual, triggered and scheduled), oldest first.
+
+        A run counts from when it was queued: a scheduled run has a ``run_after`` at the end of
+        its data interval, which can be before the moment its DAG was unpaused.
+        """
+        runs = self._pages(
+            f"/api/v2/dags/{dag_id}/dagRuns",
+            "dag_runs",
+            {"updated_at_gte": _api_time(since), "order_by": "id"},
+        )
+
+        def created(run: dict[str, Any]) -> datetime | None:
+            return parse_time(run.get("queued_at") or run.get("start_date") or run.get("run_after"))
+
+        return [r for r in runs if (created(r) or since) >= since]
 
     def wait_run(
         self,

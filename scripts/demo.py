@@ -10,7 +10,15 @@
 5. a deliberately damaged model (trained on shuffled labels) is stopped by the offline gate,
    then forced onto canary traffic anyway: ``canary_rollout`` removes it on live evidence;
 6. a summary of every model version, why it exists, its metrics, every alias move and every
-   drift report, and where to look.
+   drift report, and where to look; every run of the three DAGs since the demo started (the
+   scheduled ones too) with its final state, and every task try that failed, also when a retry
+   fixed it. Nothing is broken on purpose at the task level (the damaged model is stopped by
+   decisions), so any failed try, or any failed run, makes the demo exit 1. Also when a step
+   fails midway, the runs and failed tries so far are listed. All of it goes to
+   ``$DRIFTLOOP_HOME/demo/summary.json`` (``scripts/check_demo.py`` checks it).
+
+The demo drives every DAG run itself: it turns the schedules of ``monitor_drift`` and
+``canary_rollout`` off in its parameters file, so no scheduled run decides between two steps.
 
 ``--fast`` keeps the same steps with smaller samples (about 20 minutes on 2 CPU cores).
 """
@@ -31,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scripts.airflow_api import (  # noqa: E402
+    TERMINAL,
     AirflowAPI,
     LocalAirflow,
     print_progress,
@@ -38,6 +47,7 @@ from scripts.airflow_api import (  # noqa: E402
 )
 
 T0 = time.monotonic()
+DAGS = ("train_model", "monitor_drift", "canary_rollout")
 
 
 def say(message: str) -> None:
@@ -205,6 +215,12 @@ def main() -> int:
     )
     parser.add_argument("--service-port", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--settle-seconds",
+        type=float,
+        default=180,
+        help="at the end, how long to wait for DAG runs still in flight (scheduled ones)",
+    )
     args = parser.parse_args()
 
     from ml.settings import get_settings
@@ -224,120 +240,153 @@ def main() -> int:
         "damaged_train": 1500,
     }
     env = dict(os.environ, DRIFTLOOP_REGISTRY_POLL="3")
+    # The demo's own parameters: its scripted steps must be the only DAG runs, so the schedules
+    # are off (a scheduled canary_rollout could otherwise decide a canary between two steps).
+    import yaml
+
+    raw = yaml.safe_load(settings.params_path.read_text())
+    raw.setdefault("drift", {})["schedule"] = "none"
+    raw.setdefault("rollout", {})["schedule"] = "none"
     if args.fast:
         sizes.update(first=1000, same_period=400, drift=800, damaged_train=600)
-        demo_params = work / "params-fast.yaml"
-        import yaml
-
-        raw = yaml.safe_load(settings.params_path.read_text())
         raw["train"]["max_examples"] = 4000
-        demo_params.write_text(yaml.safe_dump(raw, sort_keys=False))
-        env["DRIFTLOOP_PARAMS"] = str(demo_params)
-        os.environ["DRIFTLOOP_PARAMS"] = str(demo_params)
-        get_settings.cache_clear()
-    record: dict[str, Any] = {"started": now(), "steps": []}
+    demo_params = work / ("params-fast.yaml" if args.fast else "params.yaml")
+    demo_params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    env["DRIFTLOOP_PARAMS"] = str(demo_params)
+    os.environ["DRIFTLOOP_PARAMS"] = str(demo_params)
+    get_settings.cache_clear()
 
-    say(f"starting Airflow on :{args.airflow_port} (log {logs / 'airflow-standalone.log'})")
-    with LocalAirflow(logs / "airflow-standalone.log", port=args.airflow_port, env=env) as api:
-        for dag_id in ("train_model", "monitor_drift", "canary_rollout"):
-            api.wait_dag(dag_id)
+    started_at = datetime.now(tz=UTC)
+    record: dict[str, Any] = {"started": started_at.isoformat(), "steps": []}
+    finished = False
+    try:
+        say(f"starting Airflow on :{args.airflow_port} (log {logs / 'airflow-standalone.log'})")
+        with LocalAirflow(logs / "airflow-standalone.log", port=args.airflow_port, env=env) as api:
+            try:
+                run_steps(api, args, settings, sizes, env, work, logs, record)
+                finished = True
+            finally:
+                # Still inside the `with`: Airflow is up to be asked what every run did.
+                record_runs(api, started_at, record, settle=args.settle_seconds if finished else 0)
+    except BaseException as exc:
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        record["seconds"] = round(time.monotonic() - T0)
+        (work / "summary.json").write_text(json.dumps(record, indent=2, default=str))
+        if not finished:
+            sys.stdout.write("\n".join(["", "driftloop demo: FAILED", *run_report(record)]) + "\n")
+            say(f"summary (so far): {work / 'summary.json'}")
+    return summary(record)
 
-        say(f"1/5 first champion: train_model on {sizes['first']} tweets from 2013-2015")
+
+def run_steps(
+    api: AirflowAPI,
+    args: argparse.Namespace,
+    settings: Any,
+    sizes: dict[str, int],
+    env: dict[str, str],
+    work: Path,
+    logs: Path,
+    record: dict[str, Any],
+) -> None:
+    """The five steps; each appends its outcome to ``record["steps"]``."""
+    for dag_id in DAGS:
+        api.wait_dag(dag_id)
+
+    say(f"1/5 first champion: train_model on {sizes['first']} tweets from 2013-2015")
+    _, tasks = run_dag(
+        api,
+        "train_model",
+        {
+            "max_examples": sizes["first"],
+            "reason": "demo: first model, small early sample of the 2013-2015 tweets",
+        },
+    )
+    record["steps"].append(
+        {
+            "step": "first model",
+            "outcome": outcome(tasks, ("promoted", "canary_started", "kept_champion")),
+        }
+    )
+    tables = traffic_tables(work, sizes, settings.work_dir / "train_batch.tsv", args.seed)
+
+    with Service(args.service_port, logs / "service.log", env) as service:
+        from ml.registry import CHAMPION, get_alias
+
+        champion = get_alias(CHAMPION)
+        assert champion is not None
+        service.wait_serving(champion.version)
+        say(f"service on {service.url} serves champion v{champion.version}")
+
+        say("2/5 same-period traffic: held-out 2013-2015 tweets, half with feedback")
+        since = now()
+        replay(tables["same_period"], service.url, 0.5, args.seed)
+        _, tasks = run_dag(api, "monitor_drift", {"since": since, "until": now()})
+        calm = outcome(tasks, ("no_drift", "retrain", "retraining_in_progress", "rollback"))
+        record["steps"].append({"step": "same-period traffic", "outcome": calm})
+
+        say("3/5 later-period traffic: 2016 tweets, 70% with feedback")
+        since = now()
+        replay(tables["drift"], service.url, 0.7, args.seed + 1)
+        before = {r["dag_run_id"] for r in api.list_runs("train_model")}
+        _, tasks = run_dag(api, "monitor_drift", {"since": since, "until": now()})
+        found = outcome(tasks, ("no_drift", "retrain", "retraining_in_progress", "rollback"))
+        record["steps"].append({"step": "2016 traffic", "outcome": found})
+        if found == "retrain":
+            run_id = wait_new_run(api, "train_model", before)
+            say(f"train_model {run_id} was triggered by monitor_drift; following it")
+            state = api.wait_run("train_model", run_id, on_change=print_progress("train_model"))
+            tasks = api.task_states("train_model", run_id)
+            retrained = outcome(tasks, ("promoted", "canary_started", "kept_champion"))
+            record["steps"].append({"step": "retraining", "state": state, "outcome": retrained})
+            if retrained == "canary_started":
+                from ml.registry import CHALLENGER
+
+                challenger = get_alias(CHALLENGER)
+                service.wait_serving(champion.version, challenger.version)
+                say(f"4/5 canary: v{challenger.version} serves 20% of traffic")
+                half = _split(tables["canary"], 2)
+                decided = canary_until_decided(api, service, half, 0.8, args.seed + 2)
+                record["steps"].append({"step": "canary", "outcome": decided})
+
+        champion = get_alias(CHAMPION)
+        service.wait_serving(champion.version)
+        say(f"5/5 damaged model: train_model on {sizes['damaged_train']} shuffled labels")
         _, tasks = run_dag(
             api,
             "train_model",
             {
-                "max_examples": sizes["first"],
-                "reason": "demo: first model, small early sample of the 2013-2015 tweets",
+                "batch_path": str(tables["damaged_train"]),
+                "reason": "demo: deliberately damaged model (shuffled labels)",
             },
         )
-        record["steps"].append(
-            {
-                "step": "first model",
-                "outcome": outcome(tasks, ("promoted", "canary_started", "kept_champion")),
-            }
+        gate = outcome(tasks, ("promoted", "canary_started", "kept_champion"))
+        record["steps"].append({"step": "damaged model, offline gate", "outcome": gate})
+        from ml.registry import list_versions
+
+        damaged = list_versions()[-1]
+        say(f"offline gate: {gate}; forcing v{damaged.version} onto canary traffic anyway")
+        subprocess.run(
+            [
+                str(Path(sys.executable).with_name("driftloop")),
+                "canary",
+                damaged.version,
+                "--force",
+                "--reason",
+                "demo: push the damaged model through",
+            ],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
         )
-        tables = traffic_tables(work, sizes, settings.work_dir / "train_batch.tsv", args.seed)
-
-        with Service(args.service_port, logs / "service.log", env) as service:
-            from ml.registry import CHAMPION, get_alias
-
-            champion = get_alias(CHAMPION)
-            assert champion is not None
-            service.wait_serving(champion.version)
-            say(f"service on {service.url} serves champion v{champion.version}")
-
-            say("2/5 same-period traffic: held-out 2013-2015 tweets, half with feedback")
-            since = now()
-            replay(tables["same_period"], service.url, 0.5, args.seed)
-            _, tasks = run_dag(api, "monitor_drift", {"since": since, "until": now()})
-            calm = outcome(tasks, ("no_drift", "retrain", "retraining_in_progress", "rollback"))
-            record["steps"].append({"step": "same-period traffic", "outcome": calm})
-
-            say("3/5 later-period traffic: 2016 tweets, 70% with feedback")
-            since = now()
-            replay(tables["drift"], service.url, 0.7, args.seed + 1)
-            before = {r["dag_run_id"] for r in api.list_runs("train_model")}
-            _, tasks = run_dag(api, "monitor_drift", {"since": since, "until": now()})
-            found = outcome(tasks, ("no_drift", "retrain", "retraining_in_progress", "rollback"))
-            record["steps"].append({"step": "2016 traffic", "outcome": found})
-            if found == "retrain":
-                run_id = wait_new_run(api, "train_model", before)
-                say(f"train_model {run_id} was triggered by monitor_drift; following it")
-                state = api.wait_run("train_model", run_id, on_change=print_progress("train_model"))
-                tasks = api.task_states("train_model", run_id)
-                retrained = outcome(tasks, ("promoted", "canary_started", "kept_champion"))
-                record["steps"].append({"step": "retraining", "state": state, "outcome": retrained})
-                if retrained == "canary_started":
-                    from ml.registry import CHALLENGER
-
-                    challenger = get_alias(CHALLENGER)
-                    service.wait_serving(champion.version, challenger.version)
-                    say(f"4/5 canary: v{challenger.version} serves 20% of traffic")
-                    half = _split(tables["canary"], 2)
-                    decided = canary_until_decided(api, service, half, 0.8, args.seed + 2)
-                    record["steps"].append({"step": "canary", "outcome": decided})
-
-            champion = get_alias(CHAMPION)
-            service.wait_serving(champion.version)
-            say(f"5/5 damaged model: train_model on {sizes['damaged_train']} shuffled labels")
-            _, tasks = run_dag(
-                api,
-                "train_model",
-                {
-                    "batch_path": str(tables["damaged_train"]),
-                    "reason": "demo: deliberately damaged model (shuffled labels)",
-                },
-            )
-            gate = outcome(tasks, ("promoted", "canary_started", "kept_champion"))
-            record["steps"].append({"step": "damaged model, offline gate", "outcome": gate})
-            from ml.registry import list_versions
-
-            damaged = list_versions()[-1]
-            say(f"offline gate: {gate}; forcing v{damaged.version} onto canary traffic anyway")
-            subprocess.run(
-                [
-                    str(Path(sys.executable).with_name("driftloop")),
-                    "canary",
-                    damaged.version,
-                    "--force",
-                    "--reason",
-                    "demo: push the damaged model through",
-                ],
-                check=True,
-                env=env,
-                stdout=subprocess.DEVNULL,
-            )
-            service.wait_serving(champion.version, damaged.version)
-            decided = canary_until_decided(
-                api, service, _split(tables["damaged_canary"], 3), 0.8, args.seed + 3
-            )
-            record["steps"].append({"step": "damaged model, canary", "outcome": decided})
-            service.wait_serving(get_alias(CHAMPION).version)
-            record["serving_at_end"] = service.model()
-    record["seconds"] = round(time.monotonic() - T0)
-    (work / "summary.json").write_text(json.dumps(record, indent=2, default=str))
-    return summary(record)
+        service.wait_serving(champion.version, damaged.version)
+        decided = canary_until_decided(
+            api, service, _split(tables["damaged_canary"], 3), 0.8, args.seed + 3
+        )
+        record["steps"].append({"step": "damaged model, canary", "outcome": decided})
+        service.wait_serving(get_alias(CHAMPION).version)
+        record["serving_at_end"] = service.model()
 
 
 def _split(path: Path, parts: int) -> list[Path]:
@@ -353,14 +402,87 @@ def _split(path: Path, parts: int) -> list[Path]:
     return out
 
 
+def _run_entry(run: dict[str, Any]) -> dict[str, Any]:
+    keys = ("run_type", "triggered_by", "state", "queued_at", "start_date", "end_date")
+    return {"dag_id": run["dag_id"], "run_id": run["dag_run_id"], **{k: run.get(k) for k in keys}}
+
+
+def record_runs(api: AirflowAPI, since: datetime, record: dict[str, Any], settle: float) -> None:
+    """Put every run of :data:`DAGS` created since ``since`` in ``record["runs"]`` with its
+    final state (waiting up to ``settle`` seconds for those in flight), and every task try of
+    theirs that failed in ``record["failed_tries"]``; None for both if Airflow cannot say."""
+    try:
+        deadline = time.monotonic() + settle
+        while True:
+            runs = [run for dag_id in DAGS for run in api.runs_since(dag_id, since)]
+            flying = [
+                f"{r['dag_id']} {r['dag_run_id']}" for r in runs if r["state"] not in TERMINAL
+            ]
+            if not flying or time.monotonic() >= deadline:
+                break
+            say(f"waiting for {len(flying)} run(s) in flight: {', '.join(flying)}")
+            time.sleep(min(10.0, max(deadline - time.monotonic(), 0.0)))
+        record["runs"] = [_run_entry(r) for r in runs]
+        record["failed_tries"] = [
+            t for r in runs for t in api.failed_tries(r["dag_id"], r["dag_run_id"])
+        ]
+    except Exception as exc:  # noqa: BLE001 - the report must not hide the demo's own error
+        record["runs"] = record["failed_tries"] = None
+        record["runs_error"] = f"{type(exc).__name__}: {exc}"
+        say(f"could not list the DAG runs and their tries: {record['runs_error']}")
+
+
+def problems(record: dict[str, Any]) -> list[str]:
+    """Why the demo did not pass on the task level: failed tries, failed runs, or no answer."""
+    if record.get("failed_tries") is None or record.get("runs") is None:
+        return [f"the DAG runs could not be listed ({record.get('runs_error', 'not recorded')})"]
+    out = []
+    if record["failed_tries"]:
+        out.append(f"{len(record['failed_tries'])} task tries failed")
+    failed_runs = [r for r in record["runs"] if r["state"] == "failed"]
+    if failed_runs:
+        out.append(f"{len(failed_runs)} DAG runs failed")
+    return out
+
+
+def run_report(record: dict[str, Any]) -> list[str]:
+    """The steps, every DAG run since the start with its final state, every failed task try."""
+    lines = ["steps:"]
+    lines += [f"  {s['step']:<30} {s['outcome']}" for s in record["steps"]] or ["  none"]
+    if record.get("error"):
+        lines.append(f"  stopped by {record['error'][:300]}")
+    lines += ["", "DAG runs since the demo started (final state):"]
+    runs = record.get("runs")
+    if runs is None:
+        lines.append(f"  unknown: {record.get('runs_error', 'not recorded')}")
+    for r in runs or []:
+        state, kind = r.get("state") or "?", r.get("run_type") or "?"
+        lines.append(f"  {r['dag_id']:<15} {state:<8} {kind:<14} {r['run_id']}")
+    if runs == []:
+        lines.append("  none")
+    lines += ["", "failed task tries:"]
+    tries = record.get("failed_tries")
+    if tries is None:
+        lines.append(f"  unknown: {record.get('runs_error', 'not recorded')}")
+    elif not tries:
+        lines.append("  none")
+    for t in tries or []:
+        mapped = f"[{t['map_index']}]" if t.get("map_index", -1) >= 0 else ""
+        lines.append(
+            f"  {t['dag_id']}.{t['task_id']}{mapped} try {t['try_number']}: {t['state']}"
+            f"  ({t.get('start_date') or '?'} -> {t.get('end_date') or '?'})  run {t['run_id']}"
+        )
+    return lines
+
+
 def summary(record: dict[str, Any]) -> int:
     from ml.drift import list_reports
     from ml.registry import CHAMPION, audit_log, get_alias, list_versions
     from ml.settings import get_settings
 
     settings = get_settings()
-    lines = ["", f"driftloop demo: done in {record['seconds'] / 60:.1f} min", "", "steps:"]
-    lines += [f"  {s['step']:<30} {s['outcome']}" for s in record["steps"]]
+    lines = ["", f"driftloop demo: done in {record['seconds'] / 60:.1f} min", ""]
+    lines += run_report(record)
     lines += ["", "model versions:"]
     for v in list_versions():
         m = v.metrics
@@ -396,8 +518,11 @@ def summary(record: dict[str, Any]) -> int:
         "                     drift reports over time (or open the HTML paths above)",
         "  driftloop audit    every alias move with its evidence (JSON)",
     ]
+    wrong = problems(record)
+    if wrong:
+        lines += ["", f"driftloop demo: FAILED: {'; '.join(wrong)} (see above)"]
     sys.stdout.write("\n".join(lines) + "\n")
-    return 0
+    return 1 if wrong else 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 #
 # Usage: scripts/services.sh COMMAND [ARG]
 #   install          apt-get install postgresql and redis-server, only where their binaries are missing
+#                    (as root, or with sudo that needs no password; otherwise says what to run)
 #   start            start both servers (idempotent: a running server is left as it is)
 #   stop             stop both servers (idempotent)
 #   status           say whether each server runs; exit 0 only when both do
@@ -77,8 +78,14 @@ cmd_install() {
     fi
     local sudo=()
     if ((EUID != 0)); then
-        command -v sudo >/dev/null 2>&1 || die "installing ${packages[*]} needs root (or sudo)"
-        sudo=(sudo -n)
+        # Not root: sudo without a password prompt (no stdin here), or say what to run instead.
+        if command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then
+            sudo=(sudo -n)
+        else
+            die "installing ${packages[*]} needs root, and sudo is missing or asks for a password: run
+    sudo apt-get update && sudo apt-get install -y --no-install-recommends ${packages[*]}
+or, as root, 'bash scripts/services.sh install' (what 'make services-install' runs)"
+        fi
     fi
     log "installing ${packages[*]} from Debian's packages"
     export DEBIAN_FRONTEND=noninteractive
@@ -320,8 +327,8 @@ main() {
             need_postgres
             pg_createdb "$2"
             ;;
-        -h | --help | help) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' ;;
-        *) sed -n '4,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+        -h | --help | help) sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' ;;
+        *) sed -n '4,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
     esac
 }
 

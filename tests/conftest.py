@@ -6,8 +6,10 @@ for the next session). ``pg_database`` hands out uniquely named databases on tha
 them after the test, because MLflow, Airflow and driftloop's own tables each migrate their own
 schema and cannot share one database. ``redis_url`` gives a test an emptied Redis database.
 
-Where the server binaries are missing (``scripts/services.sh install`` installs them) the tests
-that need them are skipped, except under CI (``CI=true``), where anything that keeps a server from
+Where the server binaries are missing, the tests that need them fail, naming the command that
+installs them (``make services-install``, which ``make test`` runs first); with
+``DRIFTLOOP_ALLOW_MISSING_SERVICES=1`` (set by ``make test-fast``) they are skipped instead. The
+policy lives in one place, :func:`servers.servers_missing`. Anything else that keeps a server from
 starting fails the tests that asked for it.
 
 Isolated state: ``tmp_home`` points driftloop's settings at ``tmp_path``; ``tiny_model_dir`` is a
@@ -16,7 +18,6 @@ tiny classifier saved once per session in Hugging Face format.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import uuid
@@ -64,10 +65,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # ------------------------------------------------------------------------------- real servers
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
-
-
 def services(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     """Run ``scripts/services.sh ARGS``; return the finished process, whatever its status."""
     return subprocess.run(
@@ -87,7 +84,7 @@ def services_env() -> dict[str, str]:
 
 
 def start_service(which: str) -> None:
-    """Start one server, or skip/fail the requesting tests with the script's own explanation."""
+    """Start one server, or fail the requesting tests with the script's own explanation."""
     proc = services(f"start-{which}")
     if proc.returncode == 0:
         return
@@ -95,8 +92,11 @@ def start_service(which: str) -> None:
         f"scripts/services.sh start-{which} exited {proc.returncode}:\n"
         f"{proc.stderr.strip()}\n{proc.stdout.strip()}".rstrip()
     )
-    if proc.returncode == EXIT_BINARIES_MISSING and not in_ci():
-        pytest.skip(f"{which} is not installed here (run `scripts/services.sh install`): {message}")
+    if proc.returncode == EXIT_BINARIES_MISSING:
+        # Imported here: servers.py pulls in the stack helpers, which unit tests do not need.
+        from servers import servers_missing
+
+        servers_missing(message, what={"postgres": "PostgreSQL", "redis": "Redis"}[which])
     pytest.fail(message, pytrace=False)
 
 

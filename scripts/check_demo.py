@@ -1,0 +1,119 @@
+"""Check a demo's summary (``$DRIFTLOOP_HOME/demo/summary.json``, written by ``scripts/demo.py``).
+
+    .venv/bin/python scripts/check_demo.py [PATH]
+
+Passes only when the steps are the expected ones, in order, each with its expected outcome
+(first model promoted, no drift on same-period traffic, retraining on 2016 traffic, the retrained
+model on canary and promoted there, the damaged model kept out by the offline gate and rolled
+back on canary), and when no task try and no DAG run failed. Prints one line per check with the
+expected and the seen value; exits 0 when all hold, 1 when one does not, 2 when the summary cannot
+be read. Used by CI (``.ci/run``) and ``make demo-check``. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+EXPECTED_STEPS: tuple[tuple[str, str], ...] = (
+    ("first model", "promoted"),
+    ("same-period traffic", "no_drift"),
+    ("2016 traffic", "retrain"),
+    ("retraining", "canary_started"),
+    ("canary", "canary_promoted"),
+    ("damaged model, offline gate", "kept_champion"),
+    ("damaged model, canary", "canary_rolled_back"),
+)
+
+
+def default_path() -> Path:
+    """``$DRIFTLOOP_HOME/demo/summary.json``; ``DRIFTLOOP_HOME`` defaults to the checkout's
+    ``.driftloop`` (as in ``ml/settings.py``)."""
+    home = os.environ.get("DRIFTLOOP_HOME")
+    return (Path(home) if home else REPO / ".driftloop") / "demo" / "summary.json"
+
+
+def _try_line(t: dict[str, Any]) -> str:
+    index = t.get("map_index")
+    mapped = f"[{index}]" if isinstance(index, int) and index >= 0 else ""
+    return (
+        f"{t.get('dag_id')}.{t.get('task_id')}{mapped} try {t.get('try_number')}: "
+        f"{t.get('state')} (run {t.get('run_id')})"
+    )
+
+
+def check(summary: dict[str, Any]) -> tuple[list[str], bool]:
+    """The report lines and whether every check holds."""
+    lines: list[str] = []
+    ok = True
+
+    def line(passed: bool, what: str, expected: str, seen: str) -> None:
+        nonlocal ok
+        ok = ok and passed
+        lines.append(
+            f"{'ok  ' if passed else 'FAIL'}  {what:<30} expected {expected:<20} seen {seen}"
+        )
+
+    steps = summary.get("steps")
+    if not isinstance(steps, list):
+        steps = []
+        line(False, "steps", "a list", "missing")
+    for i, (name, want) in enumerate(EXPECTED_STEPS):
+        got = steps[i] if i < len(steps) and isinstance(steps[i], dict) else None
+        if got is None:
+            line(False, name, want, "(step missing)")
+        elif got.get("step") != name:
+            line(False, name, want, f"step {got.get('step')!r}: {got.get('outcome')}")
+        else:
+            line(got.get("outcome") == want, name, want, str(got.get("outcome")))
+    for extra in steps[len(EXPECTED_STEPS) :]:
+        label = extra.get("step") if isinstance(extra, dict) else extra
+        line(False, f"unexpected step {label!r}", "(none)", str(extra))
+
+    tries = summary.get("failed_tries")
+    if not isinstance(tries, list):
+        line(False, "failed task tries", "none", "not recorded")
+    else:
+        line(not tries, "failed task tries", "none", str(len(tries)) if tries else "none")
+        lines += [f"        {_try_line(t)}" for t in tries if isinstance(t, dict)]
+
+    runs = summary.get("runs")
+    if not isinstance(runs, list):
+        line(False, "failed DAG runs", "none", "not recorded")
+    else:
+        failed = [r for r in runs if isinstance(r, dict) and r.get("state") == "failed"]
+        line(not failed, "failed DAG runs", "none", str(len(failed)) if failed else "none")
+        lines += [f"        {r.get('dag_id')} {r.get('run_id')}" for r in failed]
+
+    if summary.get("error"):
+        line(False, "demo error", "none", str(summary["error"])[:200])
+    return lines, ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", nargs="?", type=Path, default=None, help="the summary.json")
+    args = parser.parse_args(argv)
+    path: Path = args.path or default_path()
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        sys.stdout.write(f"FAIL  cannot read the demo summary {path}: {exc}\n")
+        return 2
+    if not isinstance(summary, dict):
+        sys.stdout.write(f"FAIL  {path} is not a JSON object\n")
+        return 2
+    lines, ok = check(summary)
+    verdict = "demo check: passed" if ok else "demo check: FAILED"
+    sys.stdout.write("\n".join([f"demo summary {path}:", *lines, verdict]) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
