@@ -3,6 +3,7 @@ and turning a labelled production window into a validated training batch."""
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
@@ -124,3 +125,21 @@ def test_window_that_fails_the_gate_adds_nothing(tmp_home, tmp_path) -> None:
                                       folder=tmp_path)
     assert out["path"] is None and any("class" in r for r in out["rejected"])
     assert loop.feedback_batches(tmp_path) == []
+
+
+def test_a_batch_outside_the_dvc_repo_is_recorded_with_its_md5(tmp_home, tmp_path,
+                                                               monkeypatch) -> None:
+    """The compose stack writes batches to a volume outside the repo: no dvc add, still a hash."""
+    import hashlib
+
+    monkeypatch.setenv("DRIFTLOOP_FEEDBACK_DIR", str(tmp_path / "volume" / "feedback"))
+    get_settings.cache_clear()
+    start = datetime(2026, 5, 3, tzinfo=UTC)
+    labels = ("negative", "neutral", "positive")
+    _log([(f"tweet {i} on the volume", labels[i % 3], labels[i % 3]) for i in range(90)], start)
+    out = loop.record_labelled_window(start, start + timedelta(hours=1))
+    path = out["path"]
+    assert path.startswith(str(tmp_path / "volume" / "feedback"))
+    assert out["md5"] == hashlib.md5(open(path, "rb").read()).hexdigest()
+    assert not os.path.exists(f"{path}.dvc")
+    assert loop.feedback_batches() == [path]
