@@ -93,8 +93,12 @@ def init_lock(url: str) -> Iterator[None]:
     advisory lock in that database. Anything else (an HTTP tracking server): no lock here.
     """
     path = sqlite_path(url)
+    if path is not None and not path.parent.is_dir():
+        # No folder, no database: opening it fails as it would have without us (a caller that
+        # owns the folder, driftloop's home, creates it first: see _make_home_folder).
+        yield
+        return
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_name(path.name + ".init.lock"), "a+") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
@@ -120,6 +124,15 @@ def init_lock(url: str) -> Iterator[None]:
             engine.dispose()
         return
     yield
+
+
+def _make_home_folder(url: str) -> None:
+    """Create the folder of a SQLite file that lives in driftloop's home (ours to create)."""
+    from ml.settings import get_settings
+
+    path = sqlite_path(url)
+    if path is not None and path.resolve().is_relative_to(get_settings().home.resolve()):
+        path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def set_wal(url: str) -> None:
@@ -200,6 +213,7 @@ def ensure_mlflow_store(settings: Settings) -> None:
         if url in _ready:
             return
         _install_sqlite_pragmas()
+        _make_home_folder(url)
         with init_lock(url):
             _open_mlflow(url, _artifact_root(settings))
             set_wal(url)
@@ -210,6 +224,7 @@ def ensure_tables(engine: Engine, metadata: sa.MetaData) -> None:
     """Create driftloop's own tables if missing, under the same cross-process lock."""
     url = engine.url.render_as_string(hide_password=False)
     _install_sqlite_pragmas()
+    _make_home_folder(url)
     with init_lock(url):
         metadata.create_all(engine)
         set_wal(url)
