@@ -429,8 +429,8 @@ def measure_ceiling(model_dir: Path, texts: list[str], seconds: float) -> dict[s
 
     Measured with one torch thread and with one per core; the ceiling is the faster of the two.
     """
-    from ml.inference import load_for_serving, set_torch_threads
     from ml.params import load_params
+    from ml.serving.inference import load_for_serving, set_torch_threads
 
     params = load_params()
     served = load_for_serving(
@@ -469,8 +469,8 @@ def accuracy_check(model_dir: Path, texts: list[str], labels: list[str]) -> dict
     import numpy as np
     from sklearn.metrics import recall_score
 
-    from ml.inference import load_for_serving, set_torch_threads
     from ml.params import LABELS
+    from ml.serving.inference import load_for_serving, set_torch_threads
 
     default_threads = set_torch_threads(1)  # correctness only; one thread is robust to neighbours
     out: dict[str, Any] = {}

@@ -43,13 +43,13 @@ def canary_rollout() -> None:
     def evaluate() -> str:
         import logging
 
-        from ml import loop, rollout
+        from ml.lifecycle import canary, loop
 
         why = loop.nothing_to_judge(traffic=False)
         if why:
             logging.getLogger(__name__).info("nothing to judge: %s", why)
             return loop.NOTHING_TO_JUDGE
-        decision = rollout.evaluate_canary(actor=actor())
+        decision = canary.evaluate_canary(actor=actor())
         if decision is None:
             return "no_canary"
         if decision.action in ("promote", "rollback"):

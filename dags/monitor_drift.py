@@ -53,7 +53,7 @@ def monitor_drift() -> None:
         """End at once when there is nothing to judge: no registry, no champion, no traffic."""
         import logging
 
-        from ml import loop
+        from ml.lifecycle import loop
 
         p = params or {}
         why = loop.nothing_to_judge(p.get("since"), p.get("until"))
@@ -64,8 +64,8 @@ def monitor_drift() -> None:
 
     @task
     def report(params: dict | None = None) -> dict:
-        from ml import loop
         from ml.drift import run_drift
+        from ml.lifecycle import loop
 
         p = params or {}
         result = run_drift(p.get("since"), p.get("until")).to_dict()
@@ -74,7 +74,7 @@ def monitor_drift() -> None:
 
     @task.branch
     def decide(drift: dict) -> str:
-        from ml import loop
+        from ml.lifecycle import loop
 
         decision = loop.decide(
             drift,
@@ -89,7 +89,7 @@ def monitor_drift() -> None:
         """Take the single-retraining lock for this run (a retry of the run keeps it)."""
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from ml import loop
+        from ml.lifecycle import loop
 
         ctx = get_current_context()
         token = loop.acquire_retraining(
@@ -102,14 +102,14 @@ def monitor_drift() -> None:
     @task
     def record_window(drift: dict, token: str) -> dict:
         """Record the labelled window as a new data version; build train_model's conf."""
-        from ml import loop
+        from ml.lifecycle import loop
 
         return loop.retraining_conf(drift, token)
 
     @teardown
     def release_retraining(token: str) -> bool:
         """Free the lock if anything failed before train_model took it over."""
-        from ml import loop
+        from ml.lifecycle import loop
 
         triggered = get_current_context()["ti"].xcom_pull(
             task_ids="trigger_train_model", key="trigger_run_id"
@@ -118,7 +118,8 @@ def monitor_drift() -> None:
 
     @task
     def rollback(drift: dict) -> dict:
-        from ml import loop, registry
+        from ml import registry
+        from ml.lifecycle import loop
 
         decision = get_current_context()["ti"].xcom_pull(task_ids="decide", key="decision")
         move = registry.rollback(

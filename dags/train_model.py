@@ -57,7 +57,7 @@ from airflow.sdk import Param, dag, task, teardown
 def train_model() -> None:
     @task
     def prepare(params: dict | None = None) -> dict:
-        from ml import pipeline
+        from ml.training import pipeline
 
         p = params or {}
         if p.get("batch_path"):
@@ -69,9 +69,9 @@ def train_model() -> None:
     def validate(batch: dict) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from ml import pipeline
-        from ml.data import DataError
-        from ml.validation import ValidationFailed
+        from ml.training import pipeline
+        from ml.training.data import DataError
+        from ml.training.validation import ValidationFailed
 
         try:
             pipeline.validate(batch["path"])
@@ -81,7 +81,7 @@ def train_model() -> None:
 
     @task(execution_timeout=timedelta(hours=2))
     def train(batch: dict, params: dict | None = None) -> str:
-        from ml import pipeline
+        from ml.training import pipeline
 
         p = params or {}
         result = pipeline.train(
@@ -95,21 +95,21 @@ def train_model() -> None:
 
     @task
     def evaluate(mlflow_run: str) -> str:
-        from ml import pipeline
+        from ml.training import pipeline
 
         pipeline.evaluate(mlflow_run)
         return mlflow_run
 
     @task
     def register(mlflow_run: str, params: dict | None = None) -> str:
-        from ml import pipeline
+        from ml.training import pipeline
 
         reason = (params or {}).get("reason", "manual run")
         return pipeline.register(mlflow_run, reason=reason, actor=actor())["version"]
 
     @task.branch
     def promote(version: str) -> str:
-        from ml import pipeline
+        from ml.training import pipeline
 
         return pipeline.promote_or_canary(version, actor=actor())
 
@@ -117,7 +117,7 @@ def train_model() -> None:
     @task(retries=3)
     def release_retraining(params: dict | None = None) -> bool:
         """Free the single-retraining lock taken by monitor_drift, however this run ended."""
-        from ml import loop
+        from ml.lifecycle import loop
 
         return loop.release_retraining((params or {}).get("retraining_token"))
 

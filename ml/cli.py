@@ -1,4 +1,6 @@
-"""``driftloop``: the command line. Thin wrappers over :mod:`ml.pipeline` and :mod:`ml.registry`.
+"""``driftloop``: the command line.
+
+Thin wrappers over :mod:`ml.training.pipeline` and :mod:`ml.registry`.
 
 Results go to stdout (JSON where a program may read them); logs and progress go to stderr.
 """
@@ -72,10 +74,10 @@ def validate(
     path: Annotated[Path, typer.Argument(help="A labelled table (TSV/CSV with label, text).")],
 ) -> None:
     """Validate a labelled batch. Exit 0 valid, 1 invalid, 2 unreadable."""
-    from ml.data import DataError
     from ml.params import load_params
     from ml.settings import get_settings
-    from ml.validation import validate_file
+    from ml.training.data import DataError
+    from ml.training.validation import validate_file
 
     try:
         result = validate_file(
@@ -107,8 +109,8 @@ def train(
     ] = None,
 ) -> None:
     """Prepare, validate, train, evaluate, register and (if better) promote a model."""
-    from ml.pipeline import run_all
-    from ml.validation import ValidationFailed
+    from ml.training.pipeline import run_all
+    from ml.training.validation import ValidationFailed
 
     try:
         result = run_all(
@@ -130,8 +132,8 @@ def promote(
     reason: Annotated[str | None, typer.Option(help="Why (recorded in the audit)")] = None,
 ) -> None:
     """Compare a version with the champion and move `champion` if it wins (or --force)."""
-    from ml.pipeline import promote as do_promote
     from ml.registry import RegistryError
+    from ml.training.pipeline import promote as do_promote
 
     try:
         decision = do_promote(version, actor=_actor(), force=force, reason=reason)
@@ -150,14 +152,14 @@ def canary(
     reason: Annotated[str, typer.Option(help="Why (recorded in the audit)")] = "manual canary",
 ) -> None:
     """Serve a version to a canary share of traffic; canary_rollout then promotes or removes it."""
-    from ml import rollout
-    from ml.pipeline import promote_or_canary
+    from ml.lifecycle import canary
     from ml.registry import RegistryError, get_version
+    from ml.training.pipeline import promote_or_canary
 
     try:
         get_version(version)
         if force:
-            rollout.start_canary(
+            canary.start_canary(
                 version,
                 actor=_actor(),
                 share=share,
@@ -278,8 +280,8 @@ def replay(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Send a table's texts to a running service as production traffic (one per request)."""
-    from ml.data import DataError
-    from ml.replay import replay as do_replay
+    from ml.serving.replay import replay as do_replay
+    from ml.training.data import DataError
 
     try:
         summary = do_replay(
@@ -352,7 +354,7 @@ app.add_typer(stage, name="stage")
 @stage.command("prepare")
 def stage_prepare(out: Annotated[Path, typer.Option()] = Path("data/prepared/train.tsv")) -> None:
     """Write the training batch described by params.yaml."""
-    from ml.pipeline import prepare
+    from ml.training.pipeline import prepare
 
     _emit(prepare(out_path=out).__dict__)
 
@@ -365,7 +367,7 @@ def stage_validate(
     """Validate the training batch; fail the stage (and `dvc repro`) if it is invalid."""
     from ml.params import load_params
     from ml.settings import get_settings
-    from ml.validation import validate_file
+    from ml.training.validation import validate_file
 
     result = validate_file(batch, load_params().validation, get_settings().data_docs_dir)
     report.parent.mkdir(parents=True, exist_ok=True)
@@ -380,10 +382,10 @@ def stage_train(
     out: Annotated[Path, typer.Option()] = Path("models/sentiment"),
 ) -> None:
     """Fine-tune on the batch and save the model to a folder DVC tracks."""
-    from ml.data import read_table
     from ml.params import load_params
     from ml.settings import get_settings
-    from ml.train import train_model
+    from ml.training.data import read_table
+    from ml.training.train import train_model
 
     params = load_params()
     result = train_model(
@@ -403,8 +405,8 @@ def stage_evaluate(
     plot: Annotated[Path, typer.Option()] = Path("metrics/confusion_matrix.png"),
 ) -> None:
     """Score the model on the validation split; write metrics JSON and a confusion matrix."""
-    from ml.evaluate import confusion_png
-    from ml.pipeline import evaluate_dir
+    from ml.training.evaluate import confusion_png
+    from ml.training.pipeline import evaluate_dir
 
     result = evaluate_dir(model)
     metrics.parent.mkdir(parents=True, exist_ok=True)

@@ -198,11 +198,11 @@ def _featured_pools(
     """Reference and the three populations, with features from MiniLM (or ``model_dir``)."""
     import pandas as pd
 
-    from ml.data import read_table
     from ml.drift import SCORE_COLUMNS, compute_features, encode
     from ml.modeling import base_model_path, load_model, load_tokenizer
     from ml.params import LABELS, load_params
     from ml.settings import REPO_ROOT
+    from ml.training.data import read_table
 
     data = load_params().data
     tweets = read_table(REPO_ROOT / data.tweets)

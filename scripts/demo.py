@@ -146,7 +146,7 @@ def wait_new_run(api: AirflowAPI, dag_id: str, after: set[str], timeout: float =
 
 
 def replay(table: Path, url: str, share: float, seed: int) -> dict[str, Any]:
-    from ml.replay import replay as do_replay
+    from ml.serving.replay import replay as do_replay
 
     summary = do_replay(
         table, url, feedback_share=share, concurrency=8, seed=seed, progress=True
@@ -163,8 +163,8 @@ def replay(table: Path, url: str, share: float, seed: int) -> dict[str, Any]:
 
 def traffic_tables(work: Path, sizes: dict[str, int], first_batch: Path, seed: int) -> dict:
     """Same-period held-out tweets, 2016 tweets for drift and canaries, a shuffled batch."""
-    from ml.data import read_table
     from ml.params import load_params
+    from ml.training.data import read_table
 
     params = load_params()
     tweets = read_table(REPO / params.data.tweets)
@@ -390,7 +390,7 @@ def run_steps(
 
 
 def _split(path: Path, parts: int) -> list[Path]:
-    from ml.data import read_table
+    from ml.training.data import read_table
 
     table = read_table(path)
     size = -(-len(table) // parts)

@@ -94,7 +94,7 @@ def start_service(which: str) -> None:
     )
     if proc.returncode == EXIT_BINARIES_MISSING:
         # Imported here: servers.py pulls in the stack helpers, which unit tests do not need.
-        from servers import servers_missing
+        from tests.harness.servers import servers_missing
 
         servers_missing(message, what={"postgres": "PostgreSQL", "redis": "Redis"}[which])
     pytest.fail(message, pytrace=False)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ml.params import LABELS
-from ml.ratelimit import RateLimiter, make_rate_limiter
+from ml.serving.ratelimit import RateLimiter, make_rate_limiter
 from ml.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)

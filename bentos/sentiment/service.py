@@ -19,7 +19,7 @@ input first (4xx with a message that names the problem); ``predict`` picks champ
 (canary routing is per request), looks the texts up in the cache, sends the misses to the model
 process and logs every prediction off the request path.
 
-Inference runs in a child process (:class:`ml.inference.ModelProcess`) with its own micro-batcher:
+Inference runs in a child process (:class:`ml.serving.inference.ModelProcess`) with its own micro-batcher:
 in this process the transformers forward pass would fight the HTTP event loop for Python's GIL
 (measured: ~240 -> ~60 texts/s). The batcher gathers the texts of concurrent requests (at most
 ``MAX_BATCH_TEXTS``, the first waiting at most ``MAX_LATENCY_MS``), sorts them by token length
@@ -28,8 +28,8 @@ BentoML's own ``batchable=True`` is not used: a batchable API must answer one ou
 item, which cannot carry the response envelope, the per-request canary choice or the cache, and
 its dispatcher cancels queued requests with 503 when it predicts a latency overrun.
 
-The pieces live in the library (:mod:`ml.inference`, :mod:`ml.cache`, :mod:`ml.ratelimit`,
-:mod:`ml.predlog`); this module wires them to HTTP.
+The pieces live in the library (:mod:`ml.serving.inference`, :mod:`ml.serving.cache`, :mod:`ml.serving.ratelimit`,
+:mod:`ml.serving.predlog`); this module wires them to HTTP.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class FeedbackResponse(BaseModel):
 
 
 def _resources() -> dict[str, Any]:
-    # A GPU resource only reserves the device; ml.inference.serving_device moves the model there.
+    # A GPU resource only reserves the device; ml.serving.inference.serving_device moves the model there.
     return {"gpu": 1} if get_settings().serve_gpu else {}
 
 
@@ -119,16 +119,16 @@ class SentimentService:
             if logging.getLogger(name).level == logging.NOTSET:
                 logging.getLogger(name).setLevel(logging.INFO)
 
-        from ml.cache import make_cache
-        from ml.inference import (
+        from ml.params import load_params
+        from ml.serving.cache import make_cache
+        from ml.serving.inference import (
             ModelPool,
             ModelProcess,
             registry_loader,
             registry_resolver,
             serving_threads,
         )
-        from ml.params import load_params
-        from ml.predlog import PredictionLog
+        from ml.serving.predlog import PredictionLog
 
         settings = get_settings()
         params = load_params()
@@ -213,7 +213,7 @@ class SentimentService:
     async def predict(self, texts: list[str], ctx: bentoml.Context) -> PredictResponse:
         """Classify tweets; each prediction carries a request id for ``/feedback``."""
         from ml.params import LABELS
-        from ml.predlog import PredictionRecord, new_request_id
+        from ml.serving.predlog import PredictionRecord, new_request_id
 
         started = time.perf_counter()
         state = self.pool.state
@@ -290,7 +290,7 @@ class SentimentService:
         self, request_id: str, label: Literal["negative", "neutral", "positive"]
     ) -> FeedbackResponse:
         """Report the true label of a logged prediction (feeds the quality monitoring)."""
-        from ml.predlog import FeedbackRecord
+        from ml.serving.predlog import FeedbackRecord
 
         started = time.perf_counter()
         known: bool | None = True

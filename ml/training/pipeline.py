@@ -1,0 +1,345 @@
+"""The training pipeline's steps: prepare → validate → train → evaluate → register → promote.
+
+Each step takes and returns small JSON-able values (paths, run ids, versions, metric dicts) so
+that the Airflow DAG, the DVC stages and the CLI call exactly the same functions; nothing here
+knows who called it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ml import registry
+from ml.params import Params, load_params
+from ml.settings import REPO_ROOT, get_settings
+from ml.training.data import PreparedBatch, dvc_hash, file_md5, prepare_training_batch, read_table
+from ml.training.evaluate import EvalResult, PromotionDecision, decide_promotion, evaluate_model
+
+log = logging.getLogger(__name__)
+
+MODEL_URI_TAG = "driftloop.model_uri"
+EVAL_DATA_TAG = "driftloop.eval_data_md5"
+
+
+def _repo_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def prepare(
+    out_path: str | Path | None = None,
+    extra_paths: list[str] | None = None,
+    max_examples: int | None = None,
+    params: Params | None = None,
+) -> PreparedBatch:
+    """Carve the training batch out of ``tweets.tsv`` (plus extra labelled batches)."""
+    params = params or load_params()
+    settings = get_settings()
+    out = Path(out_path) if out_path else settings.ensure_home() / "work" / "train_batch.tsv"
+    return prepare_training_batch(
+        _repo_path(params.data.tweets),
+        out,
+        params.data,
+        params.train,
+        extra_paths=[str(_repo_path(p)) for p in (extra_paths or [])],
+        max_examples=max_examples,
+    )
+
+
+def validate(path: str | Path, params: Params | None = None) -> dict[str, Any]:
+    """Validate a labelled batch; raise ``ValidationFailed`` (naming each failure) if it fails."""
+    from ml.training.validation import require_valid, validate_file
+
+    params = params or load_params()
+    result = validate_file(path, params.validation, data_docs_dir=get_settings().data_docs_dir)
+    return require_valid(result).to_dict()
+
+
+def train(
+    batch_path: str | Path,
+    *,
+    reason: str,
+    trigger: str = "cli",
+    epochs: int | None = None,
+    batch_inputs: dict[str, str] | None = None,
+    params: Params | None = None,
+    model: Any = None,
+    tokenizer: Any = None,
+    extra_tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune on a validated batch inside a new MLflow run; log the model; return ids.
+
+    The run carries lineage tags (git commit, DVC/md5 hashes of the data, the reason and the
+    trigger) so the MLflow UI says why each model exists.
+    """
+    import mlflow
+
+    from ml.training.lineage import lineage_tags
+    from ml.training.train import train_model
+
+    params = params or load_params()
+    train_params = params.train.model_copy(update={"epochs": epochs}) if epochs else params.train
+    settings = get_settings()
+    registry.ensure_experiment(settings)
+    if model is None and settings.base_model:
+        from ml.modeling import load_tokenizer, new_classifier
+
+        model, tokenizer = new_classifier(settings.base_model), load_tokenizer(settings.base_model)
+    table = read_table(batch_path)
+    hashes = dict(batch_inputs or {})
+    hashes.setdefault(str(batch_path), file_md5(batch_path))
+    val_path = _repo_path(params.data.val)
+    val = read_table(val_path)
+    curve_sample = val.sample(n=min(500, len(val)), random_state=params.data.seed)
+    tags = {**lineage_tags(reason, hashes, trigger), **(extra_tags or {})}
+    with mlflow.start_run(tags=tags) as run:
+        out_dir = settings.work_dir / "runs" / run.info.run_id / "model"
+        result = train_model(
+            table,
+            train_params,
+            out_dir,
+            model=model,
+            tokenizer=tokenizer,
+            eval_table=curve_sample,
+            eval_params=params.evaluate,
+            device_setting=settings.device,
+        )
+        model_uri = registry.log_model_dir(out_dir)
+        mlflow.set_tag(MODEL_URI_TAG, model_uri)
+    return {
+        "run_id": run.info.run_id,
+        "model_uri": model_uri,
+        **result.to_dict(),
+        "step_losses": result.step_losses[-5:],
+    }
+
+
+def _model_dir_for_run(run_id: str) -> Path:
+    """The run's model: the local copy when this machine trained it, else from MLflow."""
+    import mlflow
+
+    local = get_settings().work_dir / "runs" / run_id / "model"
+    if (local / "config.json").is_file():
+        return local
+    uri = registry.client().get_run(run_id).data.tags[MODEL_URI_TAG]
+    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    return registry.merge_tokenizer(root)
+
+
+def evaluate_dir(model_dir: str | Path, params: Params | None = None) -> EvalResult:
+    """Score a saved model on the validation split named in ``params.yaml``."""
+    from ml.modeling import load_model, resolve_device
+
+    params = params or load_params()
+    val_path = _repo_path(params.data.val)
+    model, tokenizer = load_model(model_dir, str(resolve_device(get_settings().device)))
+    md5 = dvc_hash(val_path) or file_md5(val_path)
+    return evaluate_model(
+        model,
+        tokenizer,
+        read_table(val_path),
+        params.evaluate,
+        data=f"{params.data.val} (md5 {md5})",
+    )
+
+
+def evaluate(run_id: str, params: Params | None = None) -> dict[str, float]:
+    """Evaluate a training run's model on the validation split and log it to that run."""
+    import mlflow
+
+    from ml.training.evaluate import log_to_mlflow
+
+    params = params or load_params()
+    registry.client()
+    result = evaluate_dir(_model_dir_for_run(run_id), params)
+    with mlflow.start_run(run_id=run_id):
+        log_to_mlflow(result, prefix="val_")
+        mlflow.set_tag(EVAL_DATA_TAG, _val_md5(params))
+    log.info("run %s: %s", run_id, {k: round(v, 4) for k, v in result.metrics.items()})
+    return result.metrics
+
+
+def _val_md5(params: Params) -> str:
+    val_path = _repo_path(params.data.val)
+    return dvc_hash(val_path) or file_md5(val_path)
+
+
+def register(run_id: str, *, reason: str, actor: str) -> dict[str, Any]:
+    """Register a run's model as a new version and point ``challenger`` at it."""
+    mlc = registry.client()
+    run = mlc.get_run(run_id)
+    if "val_macro_recall" not in run.data.metrics:
+        raise registry.RegistryError(
+            f"run {run_id} has no validation metrics; evaluate it before registering"
+        )
+    existing = [v for v in registry.list_versions() if v.run_id == run_id]
+    if existing:  # a retried task: keep the version registered the first time
+        version = existing[0]
+    else:
+        version = registry.register_model(
+            run.data.tags[MODEL_URI_TAG],
+            run_id,
+            reason=reason,
+            tags={"git_commit": run.data.tags.get("driftloop.git_commit", "unknown")},
+        )
+    current = registry.get_alias(registry.CHALLENGER)
+    if current is not None and current.version == version.version:
+        return current.to_dict()
+    registry.set_alias(
+        registry.CHALLENGER,
+        version.version,
+        actor=actor,
+        reason=f"new model from run {run_id}: {reason}",
+    )
+    return registry.get_version(version.version).to_dict()
+
+
+def champion_metrics_on_current_data(params: Params) -> tuple[str | None, dict[str, float] | None]:
+    """The champion's validation metrics on today's validation data.
+
+    Reuses the metrics logged with the champion when they were computed on the same file
+    (same md5); otherwise re-scores the champion, so the comparison is always like for like.
+    """
+    champion = registry.get_alias(registry.CHAMPION)
+    if champion is None:
+        return None, None
+    run_tags = registry.client().get_run(champion.run_id).data.tags if champion.run_id else {}
+    if run_tags.get(EVAL_DATA_TAG) == _val_md5(params) and "val_macro_recall" in champion.metrics:
+        return champion.version, {
+            k[len("val_") :]: v for k, v in champion.metrics.items() if k.startswith("val_")
+        }
+    model_dir = registry.download_model(champion.version)
+    return champion.version, evaluate_dir(model_dir, params).metrics
+
+
+def promote(
+    version: str,
+    *,
+    actor: str,
+    params: Params | None = None,
+    force: bool = False,
+    reason: str | None = None,
+) -> PromotionDecision:
+    """Make ``version`` champion if it beats the champion by the margin (or ``force``).
+
+    Either way the decision goes into the audit table: a promotion as an alias move, a
+    kept champion as a ``keep`` row naming the challenger that lost.
+    """
+    params = params or load_params()
+    challenger = registry.get_version(version)
+    if "val_macro_recall" not in challenger.metrics:
+        raise registry.RegistryError(f"version {version} has no validation metrics")
+    challenger_metrics = {
+        k[len("val_") :]: v for k, v in challenger.metrics.items() if k.startswith("val_")
+    }
+    champ_version, champ_metrics = champion_metrics_on_current_data(params)
+    if champ_version == str(version):
+        decision = PromotionDecision(
+            False,
+            "kept_champion",
+            params.promotion.metric,
+            str(version),
+            challenger_metrics[params.promotion.metric],
+            champ_version,
+            challenger_metrics[params.promotion.metric],
+            params.promotion.min_improvement,
+            f"v{version} is already champion",
+        )
+        return decision
+    decision = decide_promotion(
+        str(version), challenger_metrics, champ_version, champ_metrics, params.promotion
+    )
+    if force and not decision.promote:
+        decision = PromotionDecision(
+            True,
+            "promoted",
+            decision.metric,
+            decision.challenger_version,
+            decision.challenger_score,
+            decision.champion_version,
+            decision.champion_score,
+            decision.min_improvement,
+            f"forced by {actor}: {reason or 'no reason given'} (rule said: {decision.reason})",
+            decision.evidence,
+        )
+    if decision.promote:
+        registry.set_alias(
+            registry.CHAMPION,
+            str(version),
+            actor=actor,
+            action="promote",
+            reason=decision.reason,
+            evidence=decision.to_dict(),
+        )
+    else:
+        registry.record_keep(
+            champion_version=champ_version,
+            challenger_version=str(version),
+            actor=actor,
+            reason=decision.reason,
+            evidence=decision.to_dict(),
+        )
+    return decision
+
+
+def run_all(
+    *,
+    reason: str,
+    actor: str = "cli",
+    epochs: int | None = None,
+    max_examples: int | None = None,
+    extra_paths: list[str] | None = None,
+) -> dict[str, Any]:
+    """The whole pipeline in one process (the CLI's ``driftloop train``)."""
+    batch = prepare(extra_paths=extra_paths, max_examples=max_examples)
+    validate(batch.path)
+    trained = train(
+        batch.path, reason=reason, trigger=actor, epochs=epochs, batch_inputs=batch.inputs
+    )
+    metrics = evaluate(trained["run_id"])
+    version = register(trained["run_id"], reason=reason, actor=actor)
+    decision = promote(version["version"], actor=actor)
+    return {
+        "batch": batch.__dict__,
+        "train": trained,
+        "metrics": metrics,
+        "version": version["version"],
+        "decision": decision.to_dict(),
+    }
+
+
+def promote_or_canary(version: str, *, actor: str, params: Params | None = None) -> str:
+    """The DAG's promotion step: the offline gate, then a canary when a champion exists.
+
+    Returns the outcome: ``promoted`` (first model, or canaries are switched off),
+    ``canary_started`` (the challenger now serves ``rollout.canary_share`` of live traffic and
+    ``canary_rollout`` decides), or ``kept_champion`` (it failed the offline gate and never
+    reaches traffic).
+    """
+    from ml.lifecycle import canary
+
+    params = params or load_params()
+    champion = registry.get_alias(registry.CHAMPION)
+    if champion is None or params.rollout.canary_share <= 0:
+        return promote(version, actor=actor, params=params).outcome
+    challenger = registry.get_version(version)
+    challenger_metrics = {
+        k[len("val_") :]: v for k, v in challenger.metrics.items() if k.startswith("val_")
+    }
+    champ_version, champ_metrics = champion_metrics_on_current_data(params)
+    decision = decide_promotion(
+        str(version), challenger_metrics, champ_version, champ_metrics, params.promotion
+    )
+    if not decision.promote:
+        registry.record_keep(
+            champion_version=champ_version,
+            challenger_version=str(version),
+            actor=actor,
+            reason=decision.reason,
+            evidence=decision.to_dict(),
+        )
+        return "kept_champion"
+    canary.start_canary(str(version), actor=actor, reason=f"offline gate: {decision.reason}")
+    return "canary_started"

@@ -1,0 +1,127 @@
+"""``bentoml build`` works offline, keeps the CPU torch, and the built bento serves."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.harness.servers import free_port, terminate_group
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BENTO_DIR = REPO_ROOT / "bentos" / "sentiment"
+
+
+def locked_versions() -> dict[str, set[str]]:
+    lock = tomllib.loads((REPO_ROOT / "uv.lock").read_text())
+    versions: dict[str, set[str]] = {}
+    for package in lock["package"]:
+        versions.setdefault(package["name"].lower(), set()).add(package["version"])
+    return versions
+
+
+def pins(path: Path) -> dict[str, str]:
+    found = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)", line).groups()  # type: ignore[union-attr]
+            found[name.lower()] = version
+    return found
+
+
+def test_bento_requirements_are_the_locked_versions() -> None:
+    locked = locked_versions()
+    wanted = pins(BENTO_DIR / "requirements.txt")
+    assert wanted["torch"] == "2.13.0+cpu"
+    drifted = {
+        n: (v, sorted(locked.get(n, ())))
+        for n, v in wanted.items()
+        if v not in locked.get(n, set())
+    }
+    assert drifted == {}, f"requirements.txt differs from uv.lock: {drifted}"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_bentoml_build_works_offline_and_the_bento_serves(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ml import registry
+    from ml.settings import get_settings
+
+    bentoml = str(Path(sys.executable).parent / "bentoml")
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "True",
+        "DRIFTLOOP_HOME": str(tmp_path / "home"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'driftloop.db'}",
+    }
+    env.pop("REDIS_URL", None)
+    env.pop("DRIFTLOOP_API_KEYS", None)
+    build = subprocess.run(
+        [bentoml, "build", "-f", str(BENTO_DIR / "bentofile.yaml"), "--output", "tag", "."],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    tag = re.search(r"driftloop-sentiment:\w+", build.stdout).group(0)  # type: ignore[union-attr]
+    bento = tmp_path / "bentoml" / "bentos" / "driftloop-sentiment" / tag.split(":")[1]
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text()
+    assert "torch==2.13.0+cpu" in requirements
+    assert not re.search(r"nvidia-|torch==2\.13\.0(?!\+cpu)", requirements)
+    assert (bento / "src" / "ml" / "inference.py").is_file()
+    assert (bento / "src" / "bentos" / "sentiment" / "service.py").is_file()
+
+    for key in ("DRIFTLOOP_HOME", "MLFLOW_TRACKING_URI", "DATABASE_URL"):
+        monkeypatch.setenv(key, env[key])
+    get_settings.cache_clear()
+    try:
+        version = registry.register_model_dir(tiny_model_dir, reason="bento test")
+        registry.set_alias("champion", version.version, actor="test", reason="bento test")
+    finally:
+        get_settings.cache_clear()
+
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [bentoml, "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        resp = httpx.post(
+            f"http://127.0.0.1:{port}/predict", json={"texts": ["from a bento"]}, timeout=30
+        )
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["model_version"] == version.version
+    finally:
+        terminate_group(proc, timeout=30)
