@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 UV     := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 # Every Airflow/MLflow-facing command runs with the same derived settings (SQLite by default,
 # PostgreSQL databases on the DATABASE_URL server when it is set).
-STACK  := eval "$$($(PY) scripts/stack_env.py)" && export PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
+STACK  := eval "$$($(PY) -m scripts.stack_env)" && export PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv data airflow-db stores demo demo-train demo-fast demo-check serve test test-fast lint \
@@ -51,16 +51,16 @@ stores: $(VENV)/.synced ## Create/upgrade MLflow's backend and driftloop's table
 setup: venv data airflow-db stores ## Everything demo needs: environment, data, every store migrated
 
 demo: setup ## The whole loop: train, serve, drift, retrain, canary, damaged-model rollback
-	@$(STACK) && $(PY) scripts/demo.py
+	@$(STACK) && $(PY) -m scripts.demo
 
 demo-train: setup ## Only the first step: train_model with the default parameters
-	@$(STACK) && $(PY) scripts/demo_train.py
+	@$(STACK) && $(PY) -m scripts.demo_train
 
 demo-fast: setup ## The same loop with smaller samples (about 20 min on 2 CPU cores)
-	@$(STACK) && $(PY) scripts/demo.py --fast
+	@$(STACK) && $(PY) -m scripts.demo --fast
 
 demo-check: venv ## Check the last demo's summary: each step's expected outcome, no failed task try
-	@$(STACK) && $(PY) scripts/check_demo.py "$${DRIFTLOOP_HOME}/demo/summary.json"
+	@$(STACK) && $(PY) -m scripts.check_demo "$${DRIFTLOOP_HOME}/demo/summary.json"
 
 serve: setup ## Serve the champion on http://127.0.0.1:3000 (driftloop serve)
 	@$(STACK) && driftloop serve --port 3000
@@ -101,13 +101,13 @@ services-stop: ## Stop the loopback PostgreSQL and Redis
 	bash scripts/services.sh stop
 
 bench-serve: setup ## Serving benchmark: naive baseline vs the service vs the model-only ceiling
-	@$(STACK) && $(PY) benchmarks/serve_bench.py
+	@$(STACK) && $(PY) -m benchmarks.serve_bench
 
 load-test: venv data ## Load and fault tests of the serving stack (~10 min) -> benchmarks/results/load_*
-	@$(TESTENV) && $(PY) scripts/load_faults.py --steady-seconds 300
+	@$(TESTENV) && $(PY) -m tests.harness.load --steady-seconds 300
 
 fuzz-api: venv ## Fuzz a running service from its OpenAPI schema (URL=..., KEY=...; loopback only)
-	@$(TESTENV) && $(PY) scripts/fuzz_api.py --url "$${URL:-http://127.0.0.1:3000}" \
+	@$(TESTENV) && $(PY) -m tests.harness.fuzz_api --url "$${URL:-http://127.0.0.1:3000}" \
 	  $${KEY:+--key "$$KEY"} --out benchmarks/results/fuzz_api.md
 
 clean: ## Remove driftloop's local state (.driftloop/): models, runs, Airflow metadata

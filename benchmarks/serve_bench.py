@@ -19,7 +19,7 @@ three-class head (speed does not depend on training). Requests carry ``Cache-Con
 so the service runs the model for every one of them. Every load loop is bounded in count and
 time and targets 127.0.0.1 only.
 
-Usage: ``python benchmarks/serve_bench.py [--quick]`` (``make bench-serve``).
+Usage: ``python -m benchmarks.serve_bench [--quick]`` (``make bench-serve``).
 """
 
 from __future__ import annotations
@@ -42,12 +42,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from scripts.procs import free_port, spawn, start_service, terminate_group, wait_http_ok
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(REPO_ROOT))
-
-from scripts.airflow_api import terminate_group  # noqa: E402
-from scripts.native_stack import free_port  # noqa: E402
 
 log = logging.getLogger("serve_bench")
 
@@ -287,46 +285,21 @@ def measure_server(
 
 
 class Server:
-    """A server subprocess in its own process group, stopped on exit."""
+    """A server subprocess in its own process group (:mod:`scripts.procs`), stopped on exit."""
 
-    def __init__(
-        self, name: str, cmd: list[str], env: dict[str, str], port: int, log_path: Path
-    ) -> None:
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
         self.name = name
         self.port = port
         self.url = f"http://127.0.0.1:{port}/predict"
         self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        self.proc = proc
 
     def wait_ready(self, path: str, timeout: float = 300) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} exited {self.proc.returncode}; see {self.log_path}"
-                )
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}{path}", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"{self.name} not ready after {timeout:.0f} s; see {self.log_path}")
+        url = f"http://127.0.0.1:{self.port}{path}"
+        wait_http_ok(url, self.name, timeout, proc=self.proc, log_path=self.log_path)
 
     def stop(self) -> None:
         terminate_group(self.proc, timeout=30)
-        self._log.close()
 
 
 class NaiveBody(BaseModel):
@@ -430,7 +403,8 @@ def measure_ceiling(model_dir: Path, texts: list[str], seconds: float) -> dict[s
     Measured with one torch thread and with one per core; the ceiling is the faster of the two.
     """
     from ml.params import load_params
-    from ml.serving.inference import load_for_serving, set_torch_threads
+    from ml.serving.loading import load_for_serving
+    from ml.serving.tuning import set_torch_threads
 
     params = load_params()
     served = load_for_serving(
@@ -470,7 +444,8 @@ def accuracy_check(model_dir: Path, texts: list[str], labels: list[str]) -> dict
     from sklearn.metrics import recall_score
 
     from ml.params import LABELS
-    from ml.serving.inference import load_for_serving, set_torch_threads
+    from ml.serving.loading import load_for_serving
+    from ml.serving.tuning import set_torch_threads
 
     default_threads = set_torch_threads(1)  # correctness only; one thread is robust to neighbours
     out: dict[str, Any] = {}
@@ -653,21 +628,11 @@ def main(argv: list[str] | None = None) -> int:
 
         base_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "PYTHONWARNINGS": "ignore"}
         port = free_port()
-        naive_server = Server(
-            "naive",
-            [
-                sys.executable,
-                __file__,
-                "naive-server",
-                "--model-dir",
-                str(choice.model_dir),
-                "--port",
-                str(port),
-            ],
-            base_env,
-            port,
-            work / "naive.log",
-        )
+        argv = [sys.executable, "-m", "benchmarks.serve_bench", "naive-server"]
+        argv += ["--model-dir", str(choice.model_dir), "--port", str(port)]
+        naive_log = work / "naive.log"
+        naive_proc = spawn(argv, env=base_env, log_path=naive_log)
+        naive_server = Server("naive", naive_proc, port, naive_log)
         try:
             naive_server.wait_ready("/ready")
             result["naive"] = asdict(
@@ -698,20 +663,9 @@ def main(argv: list[str] | None = None) -> int:
             env.pop(key, None)
         if args.service_threads:
             env["OMP_NUM_THREADS"] = str(args.service_threads)
+        service_log = work / "service.log"
         service = Server(
-            "service",
-            [
-                str(Path(sys.executable).parent / "bentoml"),
-                "serve",
-                "bentos.sentiment.service:SentimentService",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            env,
-            port,
-            work / "service.log",
+            "service", start_service(port, env=env, log_path=service_log), port, service_log
         )
         try:
             service.wait_ready("/readyz")

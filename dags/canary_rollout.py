@@ -3,7 +3,7 @@
 
 Decides the fate of a challenger serving a canary share of live traffic.
 
-**evaluate**, then one of five outcomes:
+**evaluate → decide**, then one of five outcomes:
 
 - `nothing_to_judge`: no model registry or no champion yet; the run ends without opening a
   store it does not need.
@@ -16,7 +16,9 @@ Decides the fate of a challenger serving a canary share of live traffic.
   the canary ends and the champion keeps all traffic. A clearly worse challenger is removed as
   soon as the evidence is strong, without waiting for the full sample.
 
-Every decision is written to the audit table with its evidence (`driftloop audit`).
+`evaluate` only reads the evidence and applies the canary rule; `decide` follows the outcome it
+names, and only the `canary_promoted` and `canary_rolled_back` tasks move an alias. Every
+decision they act on is written to the audit table with its evidence (`driftloop audit`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from _driftloop import DEFAULT_ARGS, START, actor, schedule_from_params
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import dag, task
 
-OUTCOMES = {"promote": "canary_promoted", "rollback": "canary_rolled_back", "wait": "waiting"}
+from ml.lifecycle.outcomes import CanaryOutcome  # the branch ends' task ids (stdlib only)
 
 
 @dag(
@@ -39,30 +41,39 @@ OUTCOMES = {"promote": "canary_promoted", "rollback": "canary_rolled_back", "wai
     default_args=DEFAULT_ARGS,
 )
 def canary_rollout() -> None:
+    @task
+    def evaluate() -> dict:
+        """Nothing to judge, no canary, or the canary rule's decision on live evidence."""
+        from ml.lifecycle import canary
+
+        return canary.evaluate().to_dict()
+
     @task.branch
-    def evaluate() -> str:
-        import logging
+    def decide(evaluation: dict) -> str:
+        return evaluation["outcome"]
 
-        from ml.lifecycle import canary, loop
+    @task(task_id=CanaryOutcome.PROMOTED)
+    def promote(evaluation: dict) -> None:
+        from ml.lifecycle import canary
 
-        why = loop.nothing_to_judge(traffic=False)
-        if why:
-            logging.getLogger(__name__).info("nothing to judge: %s", why)
-            return loop.NOTHING_TO_JUDGE
-        decision = canary.evaluate_canary(actor=actor())
-        if decision is None:
-            return "no_canary"
-        if decision.action in ("promote", "rollback"):
-            loop.emit_metric(
-                "promotions" if decision.action == "promote" else "rollbacks",
-                1,
-                kind="counter",
-                reason="canary",
-            )
-        return OUTCOMES[decision.action]
+        decision = canary.CanaryDecision.from_dict(evaluation["decision"])
+        canary.promote_canary(decision, actor=actor())
 
-    ends = ("nothing_to_judge", "no_canary", *OUTCOMES.values())
-    evaluate() >> [EmptyOperator(task_id=t) for t in ends]
+    @task(task_id=CanaryOutcome.ROLLED_BACK)
+    def roll_back(evaluation: dict) -> None:
+        from ml.lifecycle import canary
+
+        decision = canary.CanaryDecision.from_dict(evaluation["decision"])
+        canary.roll_back_canary(decision, actor=actor())
+
+    evaluation = evaluate()
+    decide(evaluation) >> [
+        EmptyOperator(task_id=CanaryOutcome.NOTHING_TO_JUDGE),
+        EmptyOperator(task_id=CanaryOutcome.NO_CANARY),
+        EmptyOperator(task_id=CanaryOutcome.WAITING),
+        promote(evaluation),
+        roll_back(evaluation),
+    ]
 
 
 canary_rollout()

@@ -3,7 +3,7 @@
 
 Watches the model in production and decides, on evidence, what to do about it.
 
-**check → report → decide**, then one of five outcomes:
+**check → report → evaluate → decide**, then one of five outcomes:
 
 - `nothing_to_judge`: no model registry, no champion, or no prediction by the champion in the
   window: the run ends at `check`, without opening a store it does not need.
@@ -19,6 +19,9 @@ Watches the model in production and decides, on evidence, what to do about it.
 - `rollback`: the champion is significantly worse on live feedback than the version before it;
   `champion` moves back, and the audit table says why.
 
+`evaluate` weighs the report, the champion's live feedback against the version before it, and
+the lock; `decide` follows the outcome it names.
+
 Each report (HTML + JSON) lands in `DRIFTLOOP_HOME/reports/<time>/`, in MLflow next to the
 version it judged, and in the Evidently workspace (`driftloop reports`). Window and schedule:
 `drift:` in params.yaml; params `since`/`until` (ISO, UTC) override the window.
@@ -30,6 +33,8 @@ from _driftloop import DEFAULT_ARGS, START, actor, schedule_from_params
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, get_current_context, setup, task, teardown
+
+from ml.lifecycle.outcomes import MonitorOutcome  # the branch ends' task ids (stdlib only)
 
 
 @dag(
@@ -59,42 +64,40 @@ def monitor_drift() -> None:
         why = loop.nothing_to_judge(p.get("since"), p.get("until"))
         if why:
             logging.getLogger(__name__).info("nothing to judge: %s", why)
-            return loop.NOTHING_TO_JUDGE
+            return MonitorOutcome.NOTHING_TO_JUDGE
         return "report"
 
     @task
     def report(params: dict | None = None) -> dict:
         from ml.drift import run_drift
-        from ml.lifecycle import loop
+        from ml.lifecycle.metrics import emit_drift_metrics
 
         p = params or {}
         result = run_drift(p.get("since"), p.get("until")).to_dict()
-        loop.emit_drift_metrics(result)
+        emit_drift_metrics(result)
         return result
 
-    @task.branch
-    def decide(drift: dict) -> str:
+    @task
+    def evaluate(drift: dict) -> dict:
         from ml.lifecycle import loop
 
-        decision = loop.decide(
-            drift,
-            comparison=loop.champion_vs_previous(),
-            retraining_running=loop.retraining_running(),
-        )
-        get_current_context()["ti"].xcom_push(key="decision", value=decision.to_dict())
-        return decision.outcome
+        return loop.evaluate(drift).to_dict()
+
+    @task.branch
+    def decide(decision: dict) -> str:
+        return decision["outcome"]
 
     @setup
+    @task(task_id=MonitorOutcome.RETRAIN)
     def retrain(drift: dict) -> str:
         """Take the single-retraining lock for this run (a retry of the run keeps it)."""
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from ml.lifecycle import loop
+        from ml.lifecycle import lock, loop
 
         ctx = get_current_context()
-        token = loop.acquire_retraining(
-            loop.retrain_reason(drift), token=loop.run_token(ctx["dag"].dag_id, ctx["run_id"])
-        )
+        reason = loop.retrain_reason(drift)
+        token = lock.acquire_for_run(reason, dag_id=ctx["dag"].dag_id, run_id=ctx["run_id"])
         if token is None:
             raise AirflowSkipException("another retraining holds the lock")
         return token
@@ -109,27 +112,24 @@ def monitor_drift() -> None:
     @teardown
     def release_retraining(token: str) -> bool:
         """Free the lock if anything failed before train_model took it over."""
-        from ml.lifecycle import loop
+        from ml.lifecycle import lock
 
+        # Pulled, not passed as an argument: the trigger's run id is missing when the trigger
+        # failed, and an XComArg to a missing key would fail this teardown with the lock held.
         triggered = get_current_context()["ti"].xcom_pull(
             task_ids="trigger_train_model", key="trigger_run_id"
         )
-        return loop.release_unless_handed_over(token, triggered)
+        return lock.release_unless_handed_over(token, triggered)
 
-    @task
-    def rollback(drift: dict) -> dict:
-        from ml import registry
+    @task(task_id=MonitorOutcome.ROLLBACK)
+    def rollback(decision: dict) -> dict:
         from ml.lifecycle import loop
 
-        decision = get_current_context()["ti"].xcom_pull(task_ids="decide", key="decision")
-        move = registry.rollback(
-            actor=actor(), reason=f"{decision['reason']}; report {drift.get('report_dir')}"
-        )
-        loop.emit_metric("rollbacks", 1, kind="counter", reason="live_feedback")
-        return move.to_dict()
+        return loop.roll_back(loop.LoopDecision.from_dict(decision), actor=actor()).to_dict()
 
     drift = report()
-    check() >> [EmptyOperator(task_id="nothing_to_judge"), drift]
+    check() >> [EmptyOperator(task_id=MonitorOutcome.NOTHING_TO_JUDGE), drift]
+    decision = evaluate(drift)
     token = retrain(drift)
     conf = record_window(drift, token)
     trigger_train_model = TriggerDagRunOperator(
@@ -138,11 +138,11 @@ def monitor_drift() -> None:
         conf=conf,
         wait_for_completion=False,
     )
-    decide(drift) >> [
-        EmptyOperator(task_id="no_drift"),
+    decide(decision) >> [
+        EmptyOperator(task_id=MonitorOutcome.NO_DRIFT),
         token,
-        EmptyOperator(task_id="retraining_in_progress"),
-        rollback(drift),
+        EmptyOperator(task_id=MonitorOutcome.RETRAINING_IN_PROGRESS),
+        rollback(decision),
     ]
     conf >> trigger_train_model >> release_retraining(token)
 

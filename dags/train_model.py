@@ -29,6 +29,8 @@ from _driftloop import DEFAULT_ARGS, START, actor
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import Param, dag, task, teardown
 
+from ml.lifecycle.outcomes import TrainOutcome  # the branch ends' task ids (stdlib only)
+
 
 @dag(
     dag_id="train_model",
@@ -109,22 +111,23 @@ def train_model() -> None:
 
     @task.branch
     def promote(version: str) -> str:
-        from ml.training import pipeline
+        """The offline gate, then a canary when a champion exists: names one of the ends."""
+        from ml.lifecycle import promotion
 
-        return pipeline.promote_or_canary(version, actor=actor())
+        return promotion.promote_or_canary(version, actor=actor())
 
     @teardown
     @task(retries=3)
     def release_retraining(params: dict | None = None) -> bool:
         """Free the single-retraining lock taken by monitor_drift, however this run ended."""
-        from ml.lifecycle import loop
+        from ml.lifecycle import lock
 
-        return loop.release_retraining((params or {}).get("retraining_token"))
+        return lock.release_retraining((params or {}).get("retraining_token"))
 
     steps = [prepare()]
     for step in (validate, train, evaluate, register, promote):
         steps.append(step(steps[-1]))
-    ends = [EmptyOperator(task_id=t) for t in ("promoted", "canary_started", "kept_champion")]
+    ends = [EmptyOperator(task_id=outcome) for outcome in TrainOutcome]
     steps[-1] >> ends
     # A teardown runs once every task before it is done, whatever their states, and its own
     # state never decides the run's: a failed step still fails the run.

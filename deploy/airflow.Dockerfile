@@ -54,8 +54,6 @@ WORKDIR /opt/driftloop
 COPY --chown=50000:0 pyproject.toml params.yaml ./
 COPY --chown=50000:0 ml ./ml
 COPY --chown=50000:0 dags ./dags
-# monitor_drift adds each report to the Evidently workspace (ml/drift/workspace.py).
-COPY --chown=50000:0 monitoring ./monitoring
 COPY --chown=50000:0 scripts ./scripts
 COPY --chown=50000:0 --chmod=0755 deploy/airflow/entrypoint.sh /usr/local/bin/driftloop-entrypoint
 ENV PATH=/opt/venv/bin:$PATH \

@@ -109,7 +109,7 @@ def train(
     ] = None,
 ) -> None:
     """Prepare, validate, train, evaluate, register and (if better) promote a model."""
-    from ml.training.pipeline import run_all
+    from ml.lifecycle.promotion import run_all
     from ml.training.validation import ValidationFailed
 
     try:
@@ -132,8 +132,8 @@ def promote(
     reason: Annotated[str | None, typer.Option(help="Why (recorded in the audit)")] = None,
 ) -> None:
     """Compare a version with the champion and move `champion` if it wins (or --force)."""
+    from ml.lifecycle.promotion import promote as do_promote
     from ml.registry import RegistryError
-    from ml.training.pipeline import promote as do_promote
 
     try:
         decision = do_promote(version, actor=_actor(), force=force, reason=reason)
@@ -153,8 +153,9 @@ def canary(
 ) -> None:
     """Serve a version to a canary share of traffic; canary_rollout then promotes or removes it."""
     from ml.lifecycle import canary
+    from ml.lifecycle.outcomes import TrainOutcome
+    from ml.lifecycle.promotion import promote_or_canary
     from ml.registry import RegistryError, get_version
-    from ml.training.pipeline import promote_or_canary
 
     try:
         get_version(version)
@@ -165,7 +166,7 @@ def canary(
                 share=share,
                 reason=f"forced past the offline gate: {reason}",
             )
-            outcome = "canary_started"
+            outcome = TrainOutcome.CANARY_STARTED
         else:
             outcome = promote_or_canary(version, actor=_actor())
     except RegistryError as exc:
@@ -249,18 +250,10 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind")] = "127.0.0.1",
 ) -> None:
     """Serve the champion over HTTP (BentoML): /predict, /feedback, /model, /metrics."""
+    from ml.serving.launch import serve_argv
     from ml.settings import REPO_ROOT
 
-    bentoml = Path(sys.executable).with_name("bentoml")
-    cmd = [
-        str(bentoml),
-        "serve",
-        "bentos.sentiment.service:SentimentService",
-        "--host",
-        host,
-        "--port",
-        str(port),
-    ]
+    cmd = serve_argv(host=host, port=port)
     typer.echo(f"serving on http://{host}:{port} (Ctrl-C stops)", err=True)
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage analytics from here
     os.chdir(REPO_ROOT)

@@ -137,6 +137,29 @@ def iter_batches(
         yield idx, dict(enc)
 
 
+def iter_proba(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    batch_size: int = 64,
+    max_length: int = 64,
+    device: torch.device | None = None,
+) -> Iterator[tuple[list[int], np.ndarray]]:
+    """Yield ``(indices into texts, class probabilities)`` batch by batch, as they are computed.
+
+    :func:`forward_batches` with a softmax: :func:`predict_proba` collects it, serving's
+    micro-batcher answers each request as soon as its batch is done.
+    """
+    import torch
+
+    if not texts:
+        return
+    for idx, _, output in forward_batches(model, tokenizer, texts, batch_size, max_length, device):
+        with torch.inference_mode():
+            probs = torch.softmax(output.logits.float(), dim=-1).cpu().numpy()
+        yield idx, probs
+
+
 def predict_proba(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -147,18 +170,10 @@ def predict_proba(
 ) -> np.ndarray:
     """Class probabilities ``(len(texts), 3)`` in input order, computed in length-sorted batches."""
     import numpy as np
-    import torch
 
-    device = device or next(model.parameters()).device
     out = np.zeros((len(texts), len(LABELS)), dtype=np.float32)
-    if not texts:
-        return out
-    model.eval()
-    with torch.inference_mode():
-        for idx, enc in iter_batches(tokenizer, texts, batch_size, max_length):
-            enc = {k: v.to(device) for k, v in enc.items()}
-            logits = model(**enc).logits.float()
-            out[idx] = torch.softmax(logits, dim=-1).cpu().numpy()
+    for idx, probs in iter_proba(model, tokenizer, texts, batch_size, max_length, device):
+        out[idx] = probs
     return out
 
 
@@ -177,3 +192,28 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[PreTrainedModel, 
     model = AutoModelForSequenceClassification.from_pretrained(str(path))
     model.to(device).eval()
     return model, load_tokenizer(path)
+
+
+def forward_batches(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    batch_size: int = 64,
+    max_length: int = 64,
+    device: torch.device | None = None,
+    **model_kwargs: Any,
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor], Any]]:
+    """The one forward pass: ``(indices, batch on device, model output)`` per length-sorted batch.
+
+    The model runs in eval and inference mode on ``device`` (default: where its weights are);
+    ``model_kwargs`` go to each call (drift reports ask for ``output_hidden_states=True``).
+    """
+    import torch
+
+    device = device or next(model.parameters()).device
+    model.eval()
+    for idx, enc in iter_batches(tokenizer, texts, batch_size, max_length):
+        batch = {k: v.to(device) for k, v in enc.items()}
+        with torch.inference_mode():
+            output = model(**batch, **model_kwargs)
+        yield idx, batch, output

@@ -1,8 +1,8 @@
 """The MLflow model registry: versions, aliases and the audit trail of every alias move.
 
-Aliases (``champion``, ``challenger``), never the deprecated registry stages. Every alias move
-goes through :func:`set_alias` / :func:`delete_alias`, which write a row to the ``alias_audit``
-table in ``DATABASE_URL`` (who, when, from which version to which, why).
+The one home of the alias and version-tag names. Aliases (``champion``, ``challenger``), never
+the deprecated registry stages. Every alias move goes through :func:`set_alias` /
+:func:`delete_alias`, which write a row to the ``alias_audit`` table (who, when, from, to, why).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,9 +29,27 @@ log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+# Version tags: the share of live traffic a challenger gets and when its canary started (the
+# service reads both), and why a version was taken off canary traffic.
+CANARY_SHARE_TAG = "canary_share"
+CANARY_STARTED_TAG = "canary_started_at"
+REJECTED_TAG = "rejected"
 # What every logged model needs at inference time; explicit because MLflow's inference of the
 # requirements fails on this stack (it looks for torchvision).
 MODEL_PIP_REQUIREMENTS = ["torch==2.13.0", "transformers", "tokenizers", "safetensors"]
+
+
+class AuditAction(StrEnum):
+    """What an ``alias_audit`` row records."""
+
+    SET = "set"
+    DELETE = "delete"
+    PROMOTE = "promote"
+    KEEP = "keep"  # a challenger lost; ``champion`` stayed where it was
+    ROLLBACK = "rollback"
+    CANARY_START = "canary_start"
+    CANARY_PROMOTE = "canary_promote"
+    CANARY_ROLLBACK = "canary_rollback"
 
 
 class RegistryError(RuntimeError):
@@ -247,11 +266,12 @@ def download_model(version: str, name: str | None = None, dst: Path | None = Non
 
     MLflow's transformers flavour stores the tokenizer under ``components/tokenizer``; it is
     copied next to the weights so that :func:`ml.modeling.load_model` reads a single folder.
+    Readers that load a version more than once use :func:`ml.artifacts.cached_model_dir`.
     """
     import mlflow
 
     settings = get_settings()
-    client(settings)
+    client(settings)  # the store checked, and the global URIs that ``models:/`` resolves through
     name = name or settings.model_name
     target = Path(dst) if dst else Path(tempfile.mkdtemp(prefix=f"{name}-v{version}-"))
     target.mkdir(parents=True, exist_ok=True)
@@ -294,7 +314,7 @@ def _record(
         "from_version": from_version,
         "to_version": to_version,
         "actor": actor,
-        "action": action,
+        "action": str(action),
         "reason": reason,
         "evidence": evidence,
     }
@@ -310,7 +330,7 @@ def set_alias(
     *,
     actor: str,
     reason: str,
-    action: str = "set",
+    action: str = AuditAction.SET,
     evidence: dict[str, Any] | None = None,
     name: str | None = None,
 ) -> AliasMove:
@@ -340,7 +360,7 @@ def delete_alias(
     *,
     actor: str,
     reason: str,
-    action: str = "delete",
+    action: str = AuditAction.DELETE,
     evidence: dict[str, Any] | None = None,
     name: str | None = None,
 ) -> AliasMove | None:
@@ -379,7 +399,7 @@ def record_keep(
         from_version=champion_version,
         to_version=champion_version,
         actor=actor,
-        action="keep",
+        action=AuditAction.KEEP,
         reason=reason,
         evidence={"challenger_version": challenger_version, **(evidence or {})},
     )
@@ -423,7 +443,9 @@ def previous_champion(name: str | None = None) -> str | None:
     """
     current = get_alias(CHAMPION, name)
     moves = audit_log(name, alias=CHAMPION, limit=10_000)
-    rejected = {m.from_version for m in moves if m.action == "rollback" and m.from_version}
+    rejected = {
+        m.from_version for m in moves if m.action == AuditAction.ROLLBACK and m.from_version
+    }
     for move in moves:
         for version in (move.to_version, move.from_version):
             if (
@@ -448,7 +470,7 @@ def rollback(*, actor: str, reason: str, name: str | None = None) -> AliasMove:
         previous,
         actor=actor,
         reason=reason,
-        action="rollback",
+        action=AuditAction.ROLLBACK,
         evidence={"rolled_back_version": current.version},
         name=name,
     )

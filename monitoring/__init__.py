@@ -1,5 +1,5 @@
-"""Monitoring: the Evidently workspace that keeps every drift report, and threshold calibration.
+"""What operators watch: Prometheus, Grafana and statsd configuration, and drift calibration.
 
-The drift computation itself is :mod:`ml.drift`; ``monitoring/README.md`` says what each signal
-means and how its threshold was chosen.
+``python -m monitoring.calibrate`` checks the drift thresholds; the drift reports themselves are
+:mod:`ml.drift` (monitoring imports ml, never the other way round). See ``docs/drift.md``.
 """

@@ -1,4 +1,4 @@
-"""A small client for Airflow 3's REST API (``/api/v2``) plus a process wrapper for a local stack.
+"""A small client for Airflow 3's REST API (``/api/v2``), and ``airflow standalone`` behind it.
 
 Used by ``make demo`` and by the integration tests: they drive a real scheduler the way a user
 or another system would, through the API server, not by importing Airflow internals.
@@ -6,10 +6,8 @@ or another system would, through the API server, not by importing Airflow intern
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from scripts.procs import spawn, terminate_group, wait_for
 
 log = logging.getLogger(__name__)
 TERMINAL = {"success", "failed"}
@@ -70,27 +70,19 @@ class AirflowAPI:
         return body.get("scheduler", {}).get("status") == "healthy"
 
     def wait_healthy(self, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.healthy():
-                return
-            time.sleep(2)
-        raise TimeoutError(f"Airflow at {self.base_url} not healthy after {timeout:.0f}s")
+        wait_for(self.healthy, f"Airflow at {self.base_url} to be healthy", timeout, every=2)
 
     def wait_dag(self, dag_id: str, timeout: float = 180.0) -> dict[str, Any]:
         """Wait until the DAG processor has parsed ``dag_id``; unpause it."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                resp = self.http.get(f"/api/v2/dags/{dag_id}")
-            except httpx.HTTPError:
-                resp = None
-            if resp is not None and resp.status_code == 200:
-                if resp.json().get("is_paused"):
-                    self.http.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False})
-                return dict(resp.json())
-            time.sleep(2)
-        raise TimeoutError(f"DAG {dag_id} was not parsed within {timeout:.0f}s")
+
+        def parsed() -> dict[str, Any] | None:
+            resp = self.http.get(f"/api/v2/dags/{dag_id}")
+            return dict(resp.json()) if resp.status_code == 200 else None
+
+        dag = wait_for(parsed, f"the DAG processor to parse {dag_id}", timeout, every=2)
+        if dag.get("is_paused"):
+            self.http.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False})
+        return dag
 
     def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
         resp = self.http.post(
@@ -205,18 +197,18 @@ class AirflowAPI:
         poll: float = 3.0,
     ) -> str:
         """Poll until the run ends; call ``on_change`` whenever a task changes state."""
-        deadline = time.monotonic() + timeout
         last: dict[str, str | None] = {}
-        while time.monotonic() < deadline:
+
+        def ended() -> str | None:
+            nonlocal last
             states = self.task_states(dag_id, run_id)
             if states != last and on_change is not None:
                 on_change(states)
             last = states
             state = self.run(dag_id, run_id)["state"]
-            if state in TERMINAL:
-                return str(state)
-            time.sleep(poll)
-        raise TimeoutError(f"{dag_id} run {run_id} did not finish within {timeout:.0f}s")
+            return str(state) if state in TERMINAL else None
+
+        return wait_for(ended, f"{dag_id} run {run_id} to finish", timeout, poll, retry_on=())
 
 
 def print_progress(dag_id: str) -> Callable[[dict[str, str | None]], None]:
@@ -235,61 +227,6 @@ def print_progress(dag_id: str) -> Callable[[dict[str, str | None]], None]:
     return show
 
 
-def _descendants(pid: int) -> list[Any]:
-    import psutil
-
-    try:
-        return list(psutil.Process(pid).children(recursive=True))
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _finish(procs: list[Any], timeout: float) -> None:
-    """SIGTERM whichever of ``procs`` still run, then SIGKILL what is left after ``timeout``."""
-    import psutil
-
-    alive = [p for p in procs if p.is_running()]
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, left = psutil.wait_procs(alive, timeout=timeout)
-    for p in left:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-
-
-def terminate_group(proc: subprocess.Popen[bytes] | None, timeout: float = 60.0) -> None:
-    """Stop a process started with ``start_new_session=True`` and everything it spawned.
-
-    The whole tree is listed first: BentoML's workers run in sessions of their own (circus),
-    so a signal to the process group misses them, and once their parent is gone they can no
-    longer be found from it.
-    """
-    if proc is None or proc.poll() is not None:
-        return
-    tree = _descendants(proc.pid)
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    _finish(tree, timeout=10)
-
-
-def kill_tree(proc: subprocess.Popen[bytes]) -> int:
-    """SIGKILL a process and every descendant at once (a crash, not a shutdown); how many."""
-    import psutil
-
-    victims = [psutil.Process(proc.pid), *_descendants(proc.pid)]
-    for p in victims:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(victims, timeout=30)
-    proc.wait(30)
-    return len(victims)
-
-
 class LocalAirflow:
     """``airflow standalone`` (API server, scheduler, DAG processor, triggerer) in background."""
 
@@ -306,16 +243,8 @@ class LocalAirflow:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> AirflowAPI:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         airflow = str(Path(sys.executable).with_name("airflow"))
-        handle = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [airflow, "standalone"],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            start_new_session=True,
-        )
+        self.proc = spawn([airflow, "standalone"], env=self.env, log_path=self.log_path)
         api = AirflowAPI(f"http://127.0.0.1:{self.port}")
         try:
             api.wait_healthy()

@@ -1,13 +1,14 @@
 """Check a demo's summary (``$DRIFTLOOP_HOME/demo/summary.json``, written by ``scripts/demo.py``).
 
-    .venv/bin/python scripts/check_demo.py [PATH]
+    .venv/bin/python -m scripts.check_demo [PATH]
 
 Passes only when the steps are the expected ones, in order, each with its expected outcome
 (first model promoted, no drift on same-period traffic, retraining on 2016 traffic, the retrained
 model on canary and promoted there, the damaged model kept out by the offline gate and rolled
 back on canary), and when no task try and no DAG run failed. Prints one line per check with the
 expected and the seen value; exits 0 when all hold, 1 when one does not, 2 when the summary cannot
-be read. Used by CI (``.ci/run``) and ``make demo-check``. Standard library only.
+be read. Used by CI (``.ci/run``) and ``make demo-check``. Standard library only (and
+:mod:`ml.lifecycle.outcomes`, itself standard library only).
 """
 
 from __future__ import annotations
@@ -19,16 +20,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ml.lifecycle.outcomes import CanaryOutcome, MonitorOutcome, TrainOutcome
+
 REPO = Path(__file__).resolve().parents[1]
 
 EXPECTED_STEPS: tuple[tuple[str, str], ...] = (
-    ("first model", "promoted"),
-    ("same-period traffic", "no_drift"),
-    ("2016 traffic", "retrain"),
-    ("retraining", "canary_started"),
-    ("canary", "canary_promoted"),
-    ("damaged model, offline gate", "kept_champion"),
-    ("damaged model, canary", "canary_rolled_back"),
+    ("first model", TrainOutcome.PROMOTED),
+    ("same-period traffic", MonitorOutcome.NO_DRIFT),
+    ("2016 traffic", MonitorOutcome.RETRAIN),
+    ("retraining", TrainOutcome.CANARY_STARTED),
+    ("canary", CanaryOutcome.PROMOTED),
+    ("damaged model, offline gate", TrainOutcome.KEPT_CHAMPION),
+    ("damaged model, canary", CanaryOutcome.ROLLED_BACK),
 )
 
 

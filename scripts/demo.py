@@ -35,16 +35,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from scripts.airflow_api import TERMINAL, AirflowAPI, LocalAirflow, print_progress
+from scripts.procs import start_service, terminate_group, wait_for, wait_http_ok
 
-from scripts.airflow_api import (  # noqa: E402
-    TERMINAL,
-    AirflowAPI,
-    LocalAirflow,
-    print_progress,
-    terminate_group,
-)
+REPO = Path(__file__).resolve().parents[1]
 
 T0 = time.monotonic()
 DAGS = ("train_model", "monitor_drift", "canary_rollout")
@@ -68,36 +62,16 @@ class Service:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Service:
-        import httpx
-
-        bentoml = str(Path(sys.executable).with_name("bentoml"))
-        self.proc = subprocess.Popen(
-            [
-                bentoml,
-                "serve",
-                "bentos.sentiment.service:SentimentService",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-            ],
-            cwd=REPO,
-            env=self.env,
-            stdout=self.log_path.open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        self.proc = start_service(self.port, env=self.env, log_path=self.log_path)
+        wait_http_ok(
+            f"{self.url}/readyz",
+            "the service",
+            timeout=300,
+            every=2,
+            proc=self.proc,
+            log_path=self.log_path,
         )
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the service exited; see {self.log_path}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        raise TimeoutError(f"the service was not ready within 300s; see {self.log_path}")
+        return self
 
     def model(self) -> dict[str, Any]:
         import httpx
@@ -106,15 +80,18 @@ class Service:
 
     def wait_serving(self, champion: str, challenger: str | None = None, timeout: float = 120):
         """Until /model reports the given champion (and challenger, or none)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def serving() -> dict[str, Any] | None:
             info = self.model()
             champ = (info.get("champion") or {}).get("version")
             chall = (info.get("challenger") or {}).get("version")
-            if champ == champion and (challenger is None or chall == challenger):
-                return info
-            time.sleep(2)
-        raise TimeoutError(f"service still on {self.model()} after {timeout:.0f}s")
+            ok = champ == champion and (challenger is None or chall == challenger)
+            return info if ok else None
+
+        try:
+            return wait_for(serving, f"champion v{champion}", timeout, every=2, retry_on=())
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}: the service is still on {self.model()}") from None
 
     def __exit__(self, *exc: object) -> None:
         terminate_group(self.proc)
@@ -136,13 +113,11 @@ def outcome(tasks: dict[str, str | None], choices: tuple[str, ...]) -> str:
 
 
 def wait_new_run(api: AirflowAPI, dag_id: str, after: set[str], timeout: float = 300) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for run in api.list_runs(dag_id):
-            if run["dag_run_id"] not in after:
-                return str(run["dag_run_id"])
-        time.sleep(3)
-    raise TimeoutError(f"no new {dag_id} run within {timeout:.0f}s")
+    def new_run() -> str | None:
+        ids = (str(run["dag_run_id"]) for run in api.list_runs(dag_id))
+        return next((run_id for run_id in ids if run_id not in after), None)
+
+    return wait_for(new_run, f"a new {dag_id} run", timeout, every=3, retry_on=())
 
 
 def replay(table: Path, url: str, share: float, seed: int) -> dict[str, Any]:
@@ -195,14 +170,16 @@ def traffic_tables(work: Path, sizes: dict[str, int], first_batch: Path, seed: i
 
 def canary_until_decided(api, service, table_paths, share, seed) -> str:
     """Replay canary traffic and ask canary_rollout until it promotes or rolls back."""
+    from ml.lifecycle.outcomes import CanaryOutcome as C
+
     for round_no, table in enumerate(table_paths):
         replay(table, service.url, share, seed + round_no)
         _, tasks = run_dag(api, "canary_rollout", {})
-        decided = outcome(tasks, ("canary_promoted", "canary_rolled_back", "waiting", "no_canary"))
+        decided = outcome(tasks, (C.PROMOTED, C.ROLLED_BACK, C.WAITING, C.NO_CANARY))
         say(f"canary_rollout: {decided}")
-        if decided != "waiting":
+        if decided != C.WAITING:
             return decided
-    return "waiting"
+    return C.WAITING
 
 
 def main() -> int:
@@ -291,6 +268,11 @@ def run_steps(
     record: dict[str, Any],
 ) -> None:
     """The five steps; each appends its outcome to ``record["steps"]``."""
+    from ml.lifecycle.outcomes import MonitorOutcome as M
+    from ml.lifecycle.outcomes import TrainOutcome
+
+    trained = tuple(TrainOutcome)
+    monitored = (M.NO_DRIFT, M.RETRAIN, M.RETRAINING_IN_PROGRESS, M.ROLLBACK)
     for dag_id in DAGS:
         api.wait_dag(dag_id)
 
@@ -306,7 +288,7 @@ def run_steps(
     record["steps"].append(
         {
             "step": "first model",
-            "outcome": outcome(tasks, ("promoted", "canary_started", "kept_champion")),
+            "outcome": outcome(tasks, trained),
         }
     )
     tables = traffic_tables(work, sizes, settings.work_dir / "train_batch.tsv", args.seed)
@@ -323,7 +305,7 @@ def run_steps(
         since = now()
         replay(tables["same_period"], service.url, 0.5, args.seed)
         _, tasks = run_dag(api, "monitor_drift", {"since": since, "until": now()})
-        calm = outcome(tasks, ("no_drift", "retrain", "retraining_in_progress", "rollback"))
+        calm = outcome(tasks, monitored)
         record["steps"].append({"step": "same-period traffic", "outcome": calm})
 
         say("3/5 later-period traffic: 2016 tweets, 70% with feedback")
@@ -331,16 +313,16 @@ def run_steps(
         replay(tables["drift"], service.url, 0.7, args.seed + 1)
         before = {r["dag_run_id"] for r in api.list_runs("train_model")}
         _, tasks = run_dag(api, "monitor_drift", {"since": since, "until": now()})
-        found = outcome(tasks, ("no_drift", "retrain", "retraining_in_progress", "rollback"))
+        found = outcome(tasks, monitored)
         record["steps"].append({"step": "2016 traffic", "outcome": found})
-        if found == "retrain":
+        if found == M.RETRAIN:
             run_id = wait_new_run(api, "train_model", before)
             say(f"train_model {run_id} was triggered by monitor_drift; following it")
             state = api.wait_run("train_model", run_id, on_change=print_progress("train_model"))
             tasks = api.task_states("train_model", run_id)
-            retrained = outcome(tasks, ("promoted", "canary_started", "kept_champion"))
+            retrained = outcome(tasks, trained)
             record["steps"].append({"step": "retraining", "state": state, "outcome": retrained})
-            if retrained == "canary_started":
+            if retrained == TrainOutcome.CANARY_STARTED:
                 from ml.registry import CHALLENGER
 
                 challenger = get_alias(CHALLENGER)
@@ -361,7 +343,7 @@ def run_steps(
                 "reason": "demo: deliberately damaged model (shuffled labels)",
             },
         )
-        gate = outcome(tasks, ("promoted", "canary_started", "kept_champion"))
+        gate = outcome(tasks, trained)
         record["steps"].append({"step": "damaged model, offline gate", "outcome": gate})
         from ml.registry import list_versions
 
@@ -477,7 +459,7 @@ def run_report(record: dict[str, Any]) -> list[str]:
 
 def summary(record: dict[str, Any]) -> int:
     from ml.drift import list_reports
-    from ml.registry import CHAMPION, audit_log, get_alias, list_versions
+    from ml.registry import CHAMPION, REJECTED_TAG, audit_log, get_alias, list_versions
     from ml.settings import get_settings
 
     settings = get_settings()
@@ -486,7 +468,7 @@ def summary(record: dict[str, Any]) -> int:
     lines += ["", "model versions:"]
     for v in list_versions():
         m = v.metrics
-        status = ", ".join(v.aliases) or ("rejected" if "rejected" in v.tags else "-")
+        status = ", ".join(v.aliases) or ("rejected" if REJECTED_TAG in v.tags else "-")
         lines.append(
             f"  v{v.version}: macro-recall {m.get('val_macro_recall', float('nan')):.4f}"
             f"  macro-F1 {m.get('val_macro_f1', float('nan')):.4f}  [{status}]"

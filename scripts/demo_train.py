@@ -15,9 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from scripts.airflow_api import LocalAirflow, print_progress  # noqa: E402
+from scripts.airflow_api import LocalAirflow, print_progress
 
 
 def say(message: str) -> None:
@@ -61,13 +59,15 @@ def main() -> int:
 
 
 def summary(tasks: dict[str, str | None]) -> int:
+    from ml.lifecycle.outcomes import TrainOutcome
     from ml.registry import CHALLENGER, CHAMPION, audit_log, get_alias
     from ml.settings import get_settings
 
     settings = get_settings()
     champion = get_alias(CHAMPION)
     challenger = get_alias(CHALLENGER)
-    outcome = "promoted" if tasks.get("promoted") == "success" else "kept_champion"
+    promoted = tasks.get(TrainOutcome.PROMOTED) == "success"
+    outcome = TrainOutcome.PROMOTED if promoted else TrainOutcome.KEPT_CHAMPION
     lines = ["", "driftloop demo: done", f"  outcome of this run: {outcome}"]
     if champion is None:
         lines.append("  no champion registered (see the Airflow task logs)")

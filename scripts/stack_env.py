@@ -1,6 +1,6 @@
 """Print the environment for Airflow and MLflow as shell ``export`` lines.
 
-Used as ``eval "$(python scripts/stack_env.py)"`` by the Makefile and the tests, so that every
+Used as ``eval "$(python -m scripts.stack_env)"`` by the Makefile and the tests, so that every
 process (scheduler, ``airflow dags test``, the CLI, the service) sees the same settings.
 
 Embedded defaults: SQLite for Airflow's and MLflow's metadata under ``DRIFTLOOP_HOME``. With

@@ -1,18 +1,8 @@
-"""The service's front door: API keys, rate limits, body limits and input validation.
+"""The service's front door: API keys, rate limits and body limits, then the body's shape.
 
-An ASGI middleware in front of ``/predict``, ``/feedback`` and ``/admin/*``. It answers every
-client mistake itself with a 4xx and a message that names the problem, before the request reaches
-BentoML's parser or the model, so no client error can become a 500:
-
-* ``401`` without ``X-API-Key`` and ``403`` with a wrong one (when ``DRIFTLOOP_API_KEYS`` is set);
-* ``429`` past ``DRIFTLOOP_RATE_LIMIT`` requests per minute per key (per address without keys);
-* ``413`` for a body over ``DRIFTLOOP_MAX_BODY_BYTES``;
-* ``400`` for an empty body, invalid UTF-8 or malformed JSON (the body is read as JSON whatever
-  its ``Content-Type``, so ``curl -d`` works, and is passed on labelled ``application/json``);
-* ``422`` for the wrong shape: missing or unknown fields, wrong types, an empty list, too many
-  texts, an over-long or empty text, an unknown feedback label.
-
-The validated body is replayed unchanged to the application behind.
+An ASGI middleware in front of ``/predict``, ``/feedback`` and ``/admin/*`` that answers every
+client mistake itself with a 4xx naming the problem, so none becomes a 500 (the statuses are
+listed in docs/serving.md). The body's shape is checked against the API's own pydantic types.
 """
 
 from __future__ import annotations
@@ -21,13 +11,15 @@ import contextlib
 import hmac
 import json
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
+
 from ml.params import LABELS
 from ml.serving.ratelimit import RateLimiter, make_rate_limiter
+from ml.serving.schemas import FeedbackRequest, predict_request
 from ml.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -37,7 +29,8 @@ Message = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[Message], Any]
 
-REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+PREDICT_EXAMPLE = '{"texts": ["some text", ...]}'
+FEEDBACK_EXAMPLE = '{"request_id": "...", "label": "' + "|".join(LABELS) + '"}'
 
 
 @dataclass(frozen=True)
@@ -77,97 +70,108 @@ def _type_name(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def _check_fields(obj: Any, required: tuple[str, ...], example: str) -> dict[str, Any]:
-    if not isinstance(obj, dict):
-        raise ClientError(
-            422,
-            f"the body must be a JSON object like {example}, not a JSON {_type_name(obj)}",
-            "wrong_type",
-        )
-    missing = [f for f in required if f not in obj]
-    if missing:
-        raise ClientError(422, f"missing field {missing[0]!r}: send {example}", "missing_field")
-    unknown = sorted(set(obj) - set(required))
-    if unknown:
-        raise ClientError(
-            422,
-            f"unknown field(s) {', '.join(map(repr, unknown))}: send only {example}",
-            "unknown_field",
-        )
-    return obj
-
-
-def _check_text(value: Any, where: str, limits: Limits) -> None:
-    if not isinstance(value, str):
-        raise ClientError(422, f"{where} must be a string, got {_type_name(value)}", "wrong_type")
-    if not value.strip():
-        raise ClientError(422, f"{where} is empty: send some text to classify", "empty_text")
-    if len(value) > limits.max_chars:
-        raise ClientError(
-            422,
-            f"{where} has {len(value)} characters; the limit is {limits.max_chars}",
-            "text_too_long",
-        )
-    if "\x00" in value:
-        raise ClientError(422, f"{where} contains a NUL character (\\u0000)", "invalid_text")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ClientError(
-            400,
-            f"{where} is not valid Unicode (a lone surrogate \\u{ord(value[exc.start]):04x} "
-            f"at position {exc.start})",
-            "invalid_unicode",
-        ) from None
+# Why the guard checks the body at all, when BentoML validates it against the same types: BentoML
+# answers a ValidationError with 400, its own wording and a traceback in the server log, while the
+# contract is 422 (400 for bytes that are not JSON text) with a message naming the field. So the
+# guard validates against ml.serving.schemas first and words pydantic's errors; the limits
+# themselves live only in the types.
 
 
 def validate_predict(obj: Any, limits: Limits) -> list[str]:
     """Check a ``/predict`` body; return its texts or raise :class:`ClientError`."""
-    body = _check_fields(obj, ("texts",), '{"texts": ["some text", ...]}')
-    texts = body["texts"]
-    if not isinstance(texts, list):
-        hint = (
-            ' (wrap a single text in a list: {"texts": ["..."]})' if isinstance(texts, str) else ""
-        )
-        raise ClientError(
-            422, f"'texts' must be an array of strings, got {_type_name(texts)}{hint}", "wrong_type"
-        )
-    if not texts:
-        raise ClientError(422, "'texts' is empty: send at least one text", "empty_list")
-    if len(texts) > limits.max_texts:
-        raise ClientError(
-            422,
-            f"too many texts: {len(texts)} in one request; the limit is {limits.max_texts}",
-            "too_many_texts",
-        )
-    for i, text in enumerate(texts):
-        _check_text(text, f"texts[{i}]", limits)
-    return texts
+    schema = predict_request(limits.max_texts, limits.max_chars)
+    body = _validate(schema, obj, PREDICT_EXAMPLE)
+    return list(body.texts)  # type: ignore[attr-defined]
 
 
 def validate_feedback(obj: Any) -> tuple[str, str]:
     """Check a ``/feedback`` body; return ``(request_id, label)`` or raise :class:`ClientError`."""
-    body = _check_fields(
-        obj, ("request_id", "label"), '{"request_id": "...", "label": "negative|neutral|positive"}'
-    )
-    request_id, label = body["request_id"], body["label"]
-    if not isinstance(request_id, str):
-        raise ClientError(
-            422, f"'request_id' must be a string, got {_type_name(request_id)}", "wrong_type"
-        )
-    if not REQUEST_ID.fullmatch(request_id):
-        raise ClientError(
+    body = _validate(FeedbackRequest, obj, FEEDBACK_EXAMPLE)
+    assert isinstance(body, FeedbackRequest)
+    return body.request_id, str(body.label)
+
+
+def _validate(schema: type[BaseModel], obj: Any, example: str) -> BaseModel:
+    try:
+        return schema.model_validate(obj)
+    except ValidationError as exc:
+        raise _client_error(exc.errors(), example) from None
+
+
+def _client_error(errors: list[Any], example: str) -> ClientError:
+    """The first problem of a body, worded for the client: its shape, then field by field."""
+    if any(e["loc"] == () for e in errors):
+        obj = next(e["input"] for e in errors if e["loc"] == ())
+        return ClientError(
             422,
-            "'request_id' is not a request id: use the request_id returned by /predict",
+            f"the body must be a JSON object like {example}, not a JSON {_type_name(obj)}",
+            "wrong_type",
+        )
+    missing = [e["loc"][0] for e in errors if e["type"] == "missing"]
+    if missing:
+        return ClientError(422, f"missing field {missing[0]!r}: send {example}", "missing_field")
+    unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
+    if unknown:
+        return ClientError(
+            422,
+            f"unknown field(s) {', '.join(map(repr, unknown))}: send only {example}",
+            "unknown_field",
+        )
+    return _field_error(errors[0])
+
+
+def _field_error(error: Any) -> ClientError:
+    kind, loc, value = error["type"], error["loc"], error.get("input")
+    ctx = error.get("ctx") or {}
+    if kind == "nul_character":  # found by the model's validator, after every text's type
+        loc = (*loc, ctx["index"])
+    where = f"{loc[0]}[{loc[1]}]" if len(loc) > 1 else repr(loc[0])
+    if kind == "list_type":
+        hint = (
+            ' (wrap a single text in a list: {"texts": ["..."]})' if isinstance(value, str) else ""
+        )
+        return ClientError(
+            422, f"{where} must be an array of strings, got {_type_name(value)}{hint}", "wrong_type"
+        )
+    if kind == "too_short":
+        return ClientError(422, f"{where} is empty: send at least one text", "empty_list")
+    if kind == "too_long":
+        return ClientError(
+            422,
+            f"too many texts: {len(value)} in one request; the limit is {ctx['max_length']}",
+            "too_many_texts",
+        )
+    if kind == "string_type" or (kind == "literal_error" and not isinstance(value, str)):
+        return ClientError(422, f"{where} must be a string, got {_type_name(value)}", "wrong_type")
+    if kind == "literal_error":
+        return ClientError(
+            422, f"unknown label {value!r}: expected one of {', '.join(LABELS)}", "unknown_label"
+        )
+    if loc[0] == "request_id" and kind == "string_pattern_mismatch":
+        return ClientError(
+            422,
+            f"{where} is not a request id: use the request_id returned by /predict",
             "invalid_request_id",
         )
-    if not isinstance(label, str):
-        raise ClientError(422, f"'label' must be a string, got {_type_name(label)}", "wrong_type")
-    if label not in LABELS:
-        raise ClientError(
-            422, f"unknown label {label!r}: expected one of {', '.join(LABELS)}", "unknown_label"
+    if kind in ("string_too_short", "string_pattern_mismatch"):
+        return ClientError(422, f"{where} is empty: send some text to classify", "empty_text")
+    if kind == "string_too_long":
+        return ClientError(
+            422,
+            f"{where} has {len(value)} characters; the limit is {ctx['max_length']}",
+            "text_too_long",
         )
-    return request_id, label
+    if kind == "nul_character":
+        return ClientError(422, f"{where} contains a NUL character (\\u0000)", "invalid_text")
+    if kind == "string_unicode" and isinstance(value, str):
+        at = next((i for i, c in enumerate(value) if 0xD800 <= ord(c) <= 0xDFFF), 0)
+        return ClientError(
+            400,
+            f"{where} is not valid Unicode (a lone surrogate \\u{ord(value[at]):04x} "
+            f"at position {at})",
+            "invalid_unicode",
+        )
+    return ClientError(422, f"{where}: {error['msg']}", "invalid_field")
 
 
 def parse_json(body: bytes) -> Any:
@@ -227,7 +231,7 @@ async def send_json(
 
 
 class RequestGuard:
-    """ASGI middleware guarding driftloop's endpoints (see the module docstring).
+    """ASGI middleware guarding driftloop's endpoints (the statuses: docs/serving.md).
 
     Args:
         app: The application behind.

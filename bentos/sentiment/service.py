@@ -1,35 +1,7 @@
-"""driftloop's sentiment service (BentoML 1.4).
+"""driftloop's sentiment service (BentoML 1.4): thin HTTP wiring over :mod:`ml.serving`.
 
-Serves the registered model that the MLflow alias ``champion`` points at, and a share of the
-requests to ``challenger`` when a canary is set. Start it with::
-
-    bentoml serve bentos.sentiment.service:SentimentService --port 3000
-
-Endpoints (JSON):
-
-* ``POST /predict`` ``{"texts": [...]}`` -> ``{"predictions": [{"label", "scores",
-  "request_id", "model_version"}], "model_version"}``
-* ``POST /feedback`` ``{"request_id": "...", "label": "negative"}`` stores the true label.
-* ``GET /model``: the champion and challenger being served, their metrics and traffic shares.
-* ``POST /admin/reload``: check the registry now (the DAG calls it after moving an alias).
-* BentoML's ``/healthz``, ``/livez``, ``/readyz`` and ``/metrics`` (with driftloop's metrics).
-
-How a request flows: :mod:`bentos.sentiment.guard` checks the API key, rate limit, body size and
-input first (4xx with a message that names the problem); ``predict`` picks champion or challenger
-(canary routing is per request), looks the texts up in the cache, sends the misses to the model
-process and logs every prediction off the request path.
-
-Inference runs in a child process (:class:`ml.serving.inference.ModelProcess`) with its own micro-batcher:
-in this process the transformers forward pass would fight the HTTP event loop for Python's GIL
-(measured: ~240 -> ~60 texts/s). The batcher gathers the texts of concurrent requests (at most
-``MAX_BATCH_TEXTS``, the first waiting at most ``MAX_LATENCY_MS``), sorts them by token length
-into forward passes of ``BATCH_SIZE`` and answers each request as soon as its pass is done.
-BentoML's own ``batchable=True`` is not used: a batchable API must answer one output per input
-item, which cannot carry the response envelope, the per-request canary choice or the cache, and
-its dispatcher cancels queued requests with 503 when it predicts a latency overrun.
-
-The pieces live in the library (:mod:`ml.serving.inference`, :mod:`ml.serving.cache`, :mod:`ml.serving.ratelimit`,
-:mod:`ml.serving.predlog`); this module wires them to HTTP.
+``bentoml serve bentos.sentiment.service:SentimentService --port 3000``. The endpoints, how a
+request flows and why inference runs in a child process: docs/serving.md.
 """
 
 from __future__ import annotations
@@ -40,15 +12,22 @@ import os
 import time
 from collections import OrderedDict
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import bentoml
 from fastapi import FastAPI
-from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
 from bentos.sentiment.guard import RequestGuard
 from bentos.sentiment.metrics import service_metrics
+from ml.serving.schemas import (
+    FeedbackRequest,
+    FeedbackResponse,
+    Label,
+    Prediction,
+    PredictResponse,
+    predict_request,
+)
 from ml.settings import get_settings
 
 log = logging.getLogger("driftloop.serve")
@@ -71,27 +50,14 @@ OFFLINE_ENV = {
 
 admin_app = FastAPI(title="driftloop admin", docs_url=None, redoc_url=None, openapi_url=None)
 
-
-class Prediction(BaseModel):
-    label: Literal["negative", "neutral", "positive"]
-    scores: dict[str, float] = Field(description="Probability of each label")
-    request_id: str = Field(description="Quote it in /feedback to report the true label")
-    model_version: str = Field(description="The registered model version that answered")
-
-
-class PredictResponse(BaseModel):
-    predictions: list[Prediction]
-    model_version: str = Field(description="The registered model version that answered")
-
-
-class FeedbackResponse(BaseModel):
-    request_id: str
-    label: str
-    status: Literal["recorded", "queued"]
+# The request types carry this deployment's limits, so BentoML's OpenAPI document states them.
+PredictRequest = predict_request(
+    get_settings().max_texts_per_request, get_settings().max_chars_per_text
+)
 
 
 def _resources() -> dict[str, Any]:
-    # A GPU resource only reserves the device; ml.serving.inference.serving_device moves the model there.
+    # A GPU resource only reserves the device; ml.serving.loading.serving_device moves it.
     return {"gpu": 1} if get_settings().serve_gpu else {}
 
 
@@ -121,14 +87,10 @@ class SentimentService:
 
         from ml.params import load_params
         from ml.serving.cache import make_cache
-        from ml.serving.inference import (
-            ModelPool,
-            ModelProcess,
-            registry_loader,
-            registry_resolver,
-            serving_threads,
-        )
+        from ml.serving.pool import ModelPool, registry_loader, registry_resolver
         from ml.serving.predlog import PredictionLog
+        from ml.serving.tuning import serving_threads
+        from ml.serving.worker import ModelProcess
 
         settings = get_settings()
         params = load_params()
@@ -150,7 +112,6 @@ class SentimentService:
                     max_length=params.evaluate.max_length,
                     batch_size=BATCH_SIZE,
                 ),
-                work_dir=settings.work_dir,
             ),
             # The model process warms each version up before it answers that it is loaded.
             release=self.models.release,
@@ -209,11 +170,11 @@ class SentimentService:
         while len(self._recent) > RECENT_IDS:
             self._recent.popitem(last=False)
 
-    @bentoml.api(route="/predict")
+    @bentoml.api(route="/predict", input_spec=PredictRequest)
     async def predict(self, texts: list[str], ctx: bentoml.Context) -> PredictResponse:
         """Classify tweets; each prediction carries a request id for ``/feedback``."""
         from ml.params import LABELS
-        from ml.serving.predlog import PredictionRecord, new_request_id
+        from ml.serving.records import PredictionRecord, new_request_id
 
         started = time.perf_counter()
         state = self.pool.state
@@ -260,7 +221,7 @@ class SentimentService:
             rid = new_request_id()
             predictions.append(
                 Prediction(
-                    label=label,  # type: ignore[arg-type]
+                    label=label,
                     scores={name: round(float(p), 6) for name, p in zip(LABELS, row, strict=True)},
                     request_id=rid,
                     model_version=model.version,
@@ -285,12 +246,10 @@ class SentimentService:
         self.metrics.latency.labels(endpoint="predict").observe(time.perf_counter() - started)
         return PredictResponse(predictions=predictions, model_version=model.version)
 
-    @bentoml.api(route="/feedback")
-    async def feedback(
-        self, request_id: str, label: Literal["negative", "neutral", "positive"]
-    ) -> FeedbackResponse:
+    @bentoml.api(route="/feedback", input_spec=FeedbackRequest)
+    async def feedback(self, request_id: str, label: Label) -> FeedbackResponse:
         """Report the true label of a logged prediction (feeds the quality monitoring)."""
-        from ml.serving.predlog import FeedbackRecord
+        from ml.serving.records import FeedbackRecord
 
         started = time.perf_counter()
         known: bool | None = True

@@ -1,49 +1,49 @@
 """The closed loop's decisions: after a drift report, retrain, roll back, or do nothing.
 
-* :func:`decide` turns a drift report and live feedback into one named outcome.
-* :func:`record_labelled_window` turns the window's labelled production rows into a new,
-  validated, DVC-tracked training batch (only rows that pass the gate join the training data).
-* :func:`acquire_retraining` / :func:`release_retraining` make sure at most one retraining runs
-  at a time, whatever starts it.
+:func:`evaluate` names the outcome of one ``monitor_drift`` run (:func:`decide` is the pure rule);
+:func:`retraining_conf` and :func:`roll_back` act on it. The lock is :mod:`ml.lifecycle.lock`,
+the labelled batches :mod:`ml.lifecycle.feedback`. See ``docs/lifecycle.md``.
 """
 
 from __future__ import annotations
 
 import logging
-import subprocess
-import uuid
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 
 from ml import registry
-from ml.db import feedback, get_engine, predictions, retraining_lock
-from ml.params import LABELS, Params, load_params
-from ml.settings import REPO_ROOT, get_settings
+from ml.db import get_engine, predictions
+from ml.lifecycle import feedback, lock
+from ml.lifecycle.evidence import version_stats, worse_p_value
+from ml.lifecycle.metrics import emit_metric
+from ml.lifecycle.outcomes import MonitorOutcome
+from ml.params import Params, load_params
+from ml.settings import get_settings
 
 log = logging.getLogger(__name__)
-
-NO_DRIFT = "no_drift"
-RETRAIN = "retrain"
-ROLLBACK = "rollback"
-BUSY = "retraining_in_progress"
-NOTHING_TO_JUDGE = "nothing_to_judge"
-LOCK_NAME = "retraining"
 
 
 @dataclass(frozen=True)
 class LoopDecision:
     """One outcome of ``monitor_drift`` and why."""
 
-    outcome: str
+    outcome: MonitorOutcome
     reason: str
     evidence: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"outcome": str(self.outcome), "reason": self.reason, "evidence": self.evidence}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoopDecision:
+        return cls(
+            outcome=MonitorOutcome(data["outcome"]),
+            reason=data["reason"],
+            evidence=dict(data.get("evidence") or {}),
+        )
 
 
 def nothing_to_judge(
@@ -94,8 +94,6 @@ def champion_vs_previous(since: datetime | None = None) -> dict[str, Any] | None
     None when there is no previous champion or either has no labelled traffic. The previous
     version's evidence comes from the time it served; the champion's from ``since`` on.
     """
-    from ml.lifecycle.canary import version_stats, worse_p_value
-
     champion = registry.get_alias(registry.CHAMPION)
     previous = registry.previous_champion()
     if champion is None or previous is None:
@@ -134,11 +132,11 @@ def decide(
             and comparison["p_value_worse"] < rollout.alpha
         ):
             return LoopDecision(
-                ROLLBACK,
-                f"champion v{ours['version']} live accuracy {ours['accuracy']:.3f} on "
+                outcome=MonitorOutcome.ROLLBACK,
+                reason=f"champion v{ours['version']} live accuracy {ours['accuracy']:.3f} on "
                 f"{ours['feedback']} labels is significantly below v{theirs['version']}'s "
                 f"{theirs['accuracy']:.3f} (p={comparison['p_value_worse']:.4f})",
-                {"comparison": comparison, "report": drift.get("report_dir")},
+                evidence={"comparison": comparison, "report": drift.get("report_dir")},
             )
     signals = [s["name"] for s in drift.get("signals", []) if s.get("drifted")]
     if drift.get("drift_detected"):
@@ -148,14 +146,28 @@ def decide(
             f"{drift.get('rows')} predictions); report {drift.get('report_dir')}"
         )
         if retraining_running:
-            return LoopDecision(BUSY, f"{reason}; a retraining is already running", drift)
+            return LoopDecision(
+                outcome=MonitorOutcome.RETRAINING_IN_PROGRESS,
+                reason=f"{reason}; a retraining is already running",
+                evidence=drift,
+            )
         return LoopDecision(
-            RETRAIN, reason, {"signals": signals, "report": drift.get("report_dir")}
+            outcome=MonitorOutcome.RETRAIN,
+            reason=reason,
+            evidence={"signals": signals, "report": drift.get("report_dir")},
         )
     return LoopDecision(
-        NO_DRIFT,
-        drift.get("reason") or "no signal crossed its threshold",
-        {"report": drift.get("report_dir")},
+        outcome=MonitorOutcome.NO_DRIFT,
+        reason=drift.get("reason") or "no signal crossed its threshold",
+        evidence={"report": drift.get("report_dir")},
+    )
+
+
+def evaluate(drift: dict[str, Any]) -> LoopDecision:
+    """:func:`decide` on a drift report with the live evidence: the champion against the
+    version before it, and whether a retraining holds the lock."""
+    return decide(
+        drift, comparison=champion_vs_previous(), retraining_running=lock.retraining_running()
     )
 
 
@@ -167,228 +179,21 @@ def retrain_reason(drift: dict[str, Any]) -> str:
 
 def retraining_conf(drift: dict[str, Any], token: str) -> dict[str, Any]:
     """Record the window's labelled rows as a batch; the ``train_model`` conf that uses them."""
-    window = record_labelled_window(drift["window_start"], drift["window_end"])
+    window = feedback.record_labelled_window(drift["window_start"], drift["window_end"])
     emit_metric("retrainings", 1, kind="counter", reason="drift")
     return {
         "reason": f"{retrain_reason(drift)}; report {drift['report_dir']}",
         "drift_report": drift["report_dir"],
-        "extra_paths": feedback_batches(),
+        "extra_paths": feedback.feedback_batches(),
         "retraining_token": token,
-        "labelled_window": window,
+        "labelled_window": window.to_dict(),
     }
 
 
-def labelled_window(since: datetime, until: datetime) -> Any:
-    """Production rows of the window that got a true label back (columns label, text)."""
-    import pandas as pd
-
-    query = (
-        sa.select(feedback.c.label, predictions.c.text)
-        .select_from(predictions.join(feedback, feedback.c.request_id == predictions.c.request_id))
-        .where(predictions.c.at >= since, predictions.c.at < until)
+def roll_back(decision: LoopDecision, *, actor: str) -> registry.AliasMove:
+    """Move ``champion`` back to the version before it, for the reason ``decision`` gives."""
+    move = registry.rollback(
+        actor=actor, reason=f"{decision.reason}; report {decision.evidence.get('report')}"
     )
-    with get_engine(get_settings().database_url).connect() as conn:
-        rows = conn.execute(query).all()
-    return pd.DataFrame(rows, columns=["label", "text"])
-
-
-def feedback_batches(folder: Path | None = None) -> list[str]:
-    """Every labelled production batch recorded so far (each passed the gate when recorded)."""
-    return sorted(str(p) for p in (folder or get_settings().feedback_dir).glob("window-*.tsv"))
-
-
-def emit_metric(name: str, value: float, *, kind: str = "gauge", **labels: str) -> None:
-    """Send one loop metric to StatsD (``driftloop.<name>``), if ``DRIFTLOOP_STATSD_HOST`` is set.
-
-    DogStatsD-style tags become Prometheus labels in the statsd-exporter; UDP, fire and forget,
-    so a missing exporter never fails the loop.
-    """
-    import socket
-
-    settings = get_settings()
-    if not settings.statsd_host:
-        return
-    tags = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-    line = (
-        f"driftloop.{name}{',' + tags if tags else ''}:{value}|{'c' if kind == 'counter' else 'g'}"
-    )
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.sendto(line.encode(), (settings.statsd_host, settings.statsd_port))
-    except OSError as exc:
-        log.debug("statsd %s unreachable: %s", settings.statsd_host, exc)
-
-
-def emit_drift_metrics(drift: dict[str, Any]) -> None:
-    """Drift scores per signal and the verdict, for the Grafana loop panels."""
-    for signal in drift.get("signals", []):
-        if signal.get("score") is not None:
-            emit_metric("drift_score", float(signal["score"]), feature=signal["name"])
-    emit_metric("drift_detected", 1.0 if drift.get("drift_detected") else 0.0)
-
-
-def _as_utc(value: datetime | str) -> datetime:
-    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def record_labelled_window(
-    since: datetime | str,
-    until: datetime | str,
-    *,
-    params: Params | None = None,
-    dvc: bool = True,
-    folder: Path | None = None,
-) -> dict[str, Any] | None:
-    """Turn the window's labelled rows into a training batch under ``settings.feedback_dir``.
-
-    Rows that cannot pass the gate on their own (unknown label, empty or over-long text,
-    duplicates) are dropped first; the rest must then pass the whole suite, else nothing is
-    added. Inside the DVC repo the file is tracked with ``dvc add``; elsewhere (a volume of the
-    compose stack) its md5 is recorded, so the data version is known either way.
-    """
-    from ml.training.validation import validate_frame
-
-    folder = folder or get_settings().feedback_dir
-    params = params or load_params()
-    since, until = _as_utc(since), _as_utc(until)
-    table = labelled_window(since, until)
-    rules = params.validation
-    text = table["text"].astype(str).str.strip()
-    keep = (
-        table["label"].isin(LABELS)
-        & (text.str.len() >= rules.text_min_length)
-        & (text.str.len() <= rules.text_max_length)
-    )
-    clean = table[keep].drop_duplicates(subset=["text"]).reset_index(drop=True)
-    dropped = len(table) - len(clean)
-    result = validate_frame(
-        clean, rules, name="labelled window", data_docs_dir=get_settings().data_docs_dir
-    )
-    if not result.success:
-        log.warning("labelled window rejected: %s", "; ".join(result.reasons()))
-        return {"path": None, "rows": len(clean), "dropped": dropped, "rejected": result.reasons()}
-    stamp = until.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = folder / f"window-{stamp}.tsv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean.to_csv(path, sep="\t", index=False)
-    in_repo = path.resolve().is_relative_to(REPO_ROOT)
-    md5 = (_dvc_add(path) if dvc and in_repo else None) or _md5(path)
-    log.info("recorded %d labelled production rows (%d dropped) as %s", len(clean), dropped, path)
-    return {
-        "path": str(path),
-        "rows": len(clean),
-        "dropped": dropped,
-        "md5": md5,
-    }
-
-
-def _md5(path: Path) -> str:
-    import hashlib
-
-    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
-
-
-def _dvc_add(path: Path) -> str | None:
-    """``dvc add`` the file (local cache; the shared remote is read-only); return its md5."""
-    from ml.training.data import dvc_hash
-
-    try:
-        subprocess.run(
-            ["dvc", "add", "--quiet", str(path)],
-            cwd=REPO_ROOT,
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    except (OSError, subprocess.CalledProcessError) as exc:
-        detail = getattr(exc, "stderr", "") or str(exc)
-        log.warning("dvc add %s failed (%s); the batch is used untracked", path, detail.strip())
-        return None
-    return dvc_hash(path)
-
-
-def acquire_retraining(
-    reason: str, *, token: str | None = None, ttl: timedelta = timedelta(hours=6)
-) -> str | None:
-    """Take the retraining lock; return its token, or None if another retraining holds it.
-
-    ``token`` ties the lock to its owner (a DAG run, see :func:`run_token`): the owner asking
-    again, a retry of the same run, carries on with the lock it already holds. A lock older than
-    ``ttl`` is considered abandoned (its run died) and is taken over.
-    """
-    engine = get_engine(get_settings().database_url)
-    token = token or uuid.uuid4().hex
-    now = datetime.now(tz=UTC)
-    with engine.begin() as conn:
-        held = (
-            conn.execute(sa.select(retraining_lock).where(retraining_lock.c.name == LOCK_NAME))
-            .mappings()
-            .first()
-        )
-        if held is not None:
-            if held["token"] == token:
-                log.info("the retraining lock is already ours (%s): carrying on", token)
-                return token
-            acquired = held["acquired_at"]
-            if acquired.tzinfo is None:
-                acquired = acquired.replace(tzinfo=UTC)
-            if now - acquired < ttl:
-                return None
-            log.warning("taking over a stale retraining lock from %s", acquired)
-            conn.execute(sa.delete(retraining_lock).where(retraining_lock.c.name == LOCK_NAME))
-    try:
-        with engine.begin() as conn:
-            conn.execute(
-                sa.insert(retraining_lock).values(
-                    name=LOCK_NAME, token=token, acquired_at=now, reason=reason
-                )
-            )
-    except sa.exc.IntegrityError:  # another process won the race
-        return None
-    return token
-
-
-def run_token(dag_id: str, run_id: str) -> str:
-    """The retraining-lock token of one DAG run: the same for every try of that run."""
-    import hashlib
-
-    return hashlib.sha256(f"{dag_id}/{run_id}".encode()).hexdigest()[:32]
-
-
-def retraining_running() -> bool:
-    engine = get_engine(get_settings().database_url)
-    with engine.connect() as conn:
-        return (
-            conn.execute(
-                sa.select(retraining_lock.c.name).where(retraining_lock.c.name == LOCK_NAME)
-            ).first()
-            is not None
-        )
-
-
-def release_unless_handed_over(token: str | None, handed_over_to: str | None) -> bool:
-    """Teardown of the run that took the lock: release it unless a retraining took it over.
-
-    ``handed_over_to`` is the triggered ``train_model`` run (which releases the lock when it
-    ends), or None when anything between taking the lock and that trigger failed.
-    """
-    if handed_over_to:
-        log.info("retraining lock handed over to train_model run %s", handed_over_to)
-        return False
-    return release_retraining(token)
-
-
-def release_retraining(token: str | None) -> bool:
-    """Release the lock if ``token`` holds it; True when something was released."""
-    if not token:
-        return False
-    engine = get_engine(get_settings().database_url)
-    with engine.begin() as conn:
-        done = conn.execute(
-            sa.delete(retraining_lock).where(
-                retraining_lock.c.name == LOCK_NAME, retraining_lock.c.token == token
-            )
-        )
-    return bool(done.rowcount)
+    emit_metric("rollbacks", 1, kind="counter", reason="live_feedback")
+    return move

@@ -1,110 +1,42 @@
 """The prediction and feedback log in ``DATABASE_URL``, written off the request path.
 
-The service hands rows to :class:`PredictionLog`, which returns at once; a background thread
-writes them in batches. The request id is the primary key and every insert is idempotent
-(``ON CONFLICT DO NOTHING`` for predictions; for feedback the label with the latest ``at`` wins,
-so a row written again, late or twice, never undoes a newer one).
-
-Before a row is queued it is appended to a write-ahead journal (``journal/`` under the spool
-folder) and flushed to the operating system, so a process killed outright (SIGKILL, the OOM
-killer) loses no row it had answered: the next :meth:`PredictionLog.start` on the same folder
-moves the journals of processes that are gone into the spool, and the spool path writes them.
-Flushing to the OS, not ``fsync``, is deliberate: it survives the death of the process, which is
-the common failure, at the cost of one ``write`` per request; a crash of the whole machine can
-still lose the last rows. A journal file is deleted once all its rows are in the database or a
-spool file; each holds an exclusive ``flock`` while its writer lives, which is how another
-process tells a live journal from an orphan (a pid alone is not enough: pids are reused, and
-containers sharing the folder see different pid namespaces).
-
-When the database is unreachable the rows wait in memory; after ``spool_after_seconds`` of
-outage, or past ``max_memory_rows``, they go to JSON-lines files under the spool folder (written
-to a temporary name and renamed, so a file is complete or absent). When the database returns the
-spool files are written first, oldest first, then the memory queue. Nothing is dropped: a file is
-deleted only after its rows are committed, and :meth:`PredictionLog.close` spools what it could
-not write, for the next process to pick up. A row the database rejects for what it holds (not
-for being unreachable) is set aside in ``rejected/`` rather than blocking the rows behind it.
+Batched, idempotent inserts; rows wait out a database outage in memory, then in spool files,
+and a write-ahead journal (:mod:`ml.serving.journal`) keeps them through a kill. The design,
+its guarantees and their costs: docs/prediction-log.md.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import sys
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
 from ml.db import feedback, get_engine, normalise_url, predictions
-from ml.params import LABELS
-
-if sys.platform != "win32":
-    import fcntl
+from ml.serving.journal import Journal, count_lines
+from ml.serving.records import (
+    FEEDBACK,
+    PREDICTION,
+    FeedbackRecord,
+    Item,
+    PredictionRecord,
+    decode,
+    encode,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
 
 log = logging.getLogger(__name__)
 
-PREDICTION = "p"
-FEEDBACK = "f"
 JOURNAL_DIR = "journal"
-STALE_TMP_SECONDS = 60.0  # a journal's temporary name lives microseconds; older ones are debris
-
-
-def new_request_id() -> str:
-    """A random 32-character hex id for one prediction."""
-    return uuid.uuid4().hex
-
-
-@dataclass(frozen=True)
-class PredictionRecord:
-    """One logged prediction. ``scores`` follow :data:`ml.params.LABELS` order."""
-
-    request_id: str
-    at: datetime
-    model_name: str
-    model_version: str
-    text: str
-    label: str
-    scores: tuple[float, ...]
-    latency_ms: float
-    cached: bool = False
-
-    def to_row(self) -> dict[str, Any]:
-        row: dict[str, Any] = {
-            "request_id": self.request_id,
-            "at": self.at,
-            "model_name": self.model_name,
-            "model_version": self.model_version,
-            "text": self.text,
-            "label": self.label,
-            "latency_ms": float(self.latency_ms),
-            "cached": bool(self.cached),
-        }
-        for name, score in zip(LABELS, self.scores, strict=True):
-            row[f"score_{name}"] = float(score)
-        return row
-
-
-@dataclass(frozen=True)
-class FeedbackRecord:
-    """The true label a client reported for a logged prediction."""
-
-    request_id: str
-    label: str
-    at: datetime = field(default_factory=lambda: datetime.now(tz=UTC))
-
-    def to_row(self) -> dict[str, Any]:
-        return {"request_id": self.request_id, "label": self.label, "at": self.at}
 
 
 @dataclass(frozen=True)
@@ -117,75 +49,6 @@ class LogStats:
     rejected: int
     database_ok: bool
     last_error: str | None
-
-
-Item = tuple[str, dict[str, Any]]
-
-
-def _encode(item: Item) -> str:
-    kind, row = item
-    return json.dumps(
-        {
-            "kind": kind,
-            "row": {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()},
-        },
-        ensure_ascii=True,  # any text survives the round trip, lone surrogates included
-    )
-
-
-def _decode(line: str) -> Item:
-    obj = json.loads(line)
-    row = dict(obj["row"])
-    row["at"] = datetime.fromisoformat(row["at"])
-    return obj["kind"], row
-
-
-@dataclass(slots=True)
-class _Segment:
-    """One journal file and how many rows of the memory queue it still holds.
-
-    The handle stays open until the file is deleted, rotated or not, because the ``flock`` it
-    holds is what tells other processes that the journal's writer is alive.
-    """
-
-    path: Path | None  # None: the file could not be created; its rows are counted all the same
-    fh: BinaryIO | None
-    rows: int = 0  # rows journaled here that are neither written nor spooled yet
-    appended: int = 0  # rows ever appended, for rotation
-
-
-def _lock(fh: BinaryIO) -> bool | None:
-    """Take an exclusive ``flock`` without waiting: True, False (held elsewhere), None (no locks).
-
-    ``flock`` locks belong to the open file, so a second handle in the same process is refused
-    too, and the kernel drops them when their process dies, however it dies.
-    """
-    if sys.platform == "win32":  # pragma: no cover - driftloop serves on Linux
-        return None
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError:  # a file system without locks (ENOLCK): the pid rule decides instead
-        return None
-    return True
-
-
-def _owner_is_gone(path: Path) -> bool:
-    """The pid rule, used only where ``flock`` is unavailable: the pid in the name has exited."""
-    try:
-        pid = int(path.stem.split("-")[1])
-    except (IndexError, ValueError):
-        return False
-    if pid == os.getpid():
-        return False  # perhaps another PredictionLog of this process: never take its rows
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, someone else's
-        return False
-    return False
 
 
 def _is_connectivity_error(exc: BaseException) -> bool:
@@ -209,7 +72,7 @@ class PredictionLog:
         spool_after_seconds: Spool rows that have waited this long for the database.
         retry_max_seconds: Longest pause between attempts while the database is down.
         journal: Append every row to a journal before queueing it, so a killed process loses
-            nothing it answered (see the module docstring). Costs one JSON encode and one
+            nothing it answered (docs/prediction-log.md). Costs one JSON encode and one
             ``write`` per call.
         journal_segment_rows: Start a new journal file after this many rows, so one never
             grows without bound while the database is away.
@@ -249,20 +112,17 @@ class PredictionLog:
         self._retry_delay = 0.0
         self._seq = 0
         self.journal = journal
-        self.journal_dir = self.spool_dir / JOURNAL_DIR
-        self.journal_segment_rows = journal_segment_rows
-        # Oldest first; together they hold exactly the rows of ``_queue``, in the same order.
-        self._segments: deque[_Segment] = deque()
-        self._journal_current: _Segment | None = None  # the segment being appended to
-        self._journal_failing = False
-        self._journal_retry_at = 0.0
+        # Its files hold exactly the rows of ``_queue``, in the same order (when ``journal``).
+        self._journal = Journal(self.spool_dir / JOURNAL_DIR, journal_segment_rows)
 
     # ------------------------------------------------------------------ producer side
 
     def start(self) -> PredictionLog:
         """Start the writer thread; journals and spool files left by dead processes are written."""
         if self._thread is None:
-            self._adopt_journals()
+            with self._cond:
+                ours = self._journal.paths()
+            self._journal.adopt_orphans(self.spool_dir, ours)
             self._thread = threading.Thread(target=self._run, name="driftloop-predlog", daemon=True)
             self._thread.start()
         return self
@@ -284,11 +144,11 @@ class PredictionLog:
         # some 10-25 us, mostly the encoding (done outside the lock), against milliseconds of
         # inference, and it is what makes a killed process lose nothing it answered.
         data = (
-            "".join(_encode(item) + "\n" for item in batch).encode("ascii") if self.journal else b""
+            "".join(encode(item) + "\n" for item in batch).encode("ascii") if self.journal else b""
         )
         with self._cond:
             if self.journal:
-                self._journal_append(data, len(batch))
+                self._journal.append(data, len(batch))
             before = len(self._queue)
             self._queue.extend(batch)
             if before == 0 and self._queue:
@@ -301,7 +161,7 @@ class PredictionLog:
     def stats(self) -> LogStats:
         return LogStats(
             pending=len(self._queue),
-            spooled=sum(self._count_lines(p) for p in self._spool_files()),
+            spooled=sum(count_lines(p) for p in self._spool_files()),
             written=self._written,
             rejected=self._rejected,
             database_ok=self._db_ok,
@@ -402,7 +262,7 @@ class PredictionLog:
                     with self._cond:
                         for _ in batch:  # only this (locked) writer ever pops
                             self._queue.popleft()
-                        self._journal_release(len(batch))
+                        self._journal.release(len(batch))
                         self._oldest_pending = time.monotonic() if self._queue else None
             except Exception as exc:
                 if not _is_connectivity_error(exc):
@@ -523,7 +383,7 @@ class PredictionLog:
         with self._cond:
             for _ in items:
                 self._queue.popleft()
-            self._journal_release(len(items))
+            self._journal.release(len(items))
             self._oldest_pending = time.monotonic() if self._queue else None
         log.warning("spooled %d rows to %s (%s)", len(items), path, reason)
 
@@ -534,7 +394,7 @@ class PredictionLog:
         tmp = folder / f".{name}.tmp"
         with tmp.open("w", encoding="utf-8") as fh:
             for item in items:
-                fh.write(_encode(item) + "\n")
+                fh.write(encode(item) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         final = folder / name
@@ -554,13 +414,13 @@ class PredictionLog:
             if not line.strip():
                 continue
             try:
-                items.append(_decode(line))
+                items.append(decode(line))
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("unreadable line %d in spool file %s: %s", n, path, exc)
                 self._write_raw_rejected(line)
         if last.strip():
             try:
-                items.append(_decode(last))  # whole, only its newline missing
+                items.append(decode(last))  # whole, only its newline missing
             except (ValueError, KeyError, TypeError):
                 # Torn: the process died in this write, so the row was never answered.
                 log.info("skipped the incomplete last line of %s (a write cut short)", path.name)
@@ -571,169 +431,3 @@ class PredictionLog:
         with (self.rejected_dir / "unreadable.txt").open("a", encoding="utf-8") as fh:
             fh.write(line + "\n")
         self._rejected += 1
-
-    @staticmethod
-    def _count_lines(path: Path) -> int:
-        try:
-            with path.open("rb") as fh:
-                return sum(1 for _ in fh)
-        except OSError:
-            return 0
-
-    # ------------------------------------------------------------------ write-ahead journal
-
-    def _journal_append(self, data: bytes, rows: int) -> None:
-        """Append ``rows`` encoded rows to the current segment (the caller holds ``_cond``)."""
-        seg = self._journal_current or self._open_segment()
-        seg.rows += rows
-        seg.appended += rows
-        if seg.fh is None:  # the file could not be created; the rows are still counted here
-            return
-        try:
-            seg.fh.write(data)
-            seg.fh.flush()  # to the OS: enough to outlive this process, not the machine
-        except OSError as exc:  # a full disk, most likely
-            self._journal_failed(f"cannot write journal {seg.path}", exc)
-            self._journal_current = None  # a cut-short line ends this file
-            try:
-                seg.fh.close()  # not one open file per failed call; the file goes with its rows
-            except OSError:
-                pass
-            seg.fh = None
-            return
-        if self._journal_failing:
-            log.warning("prediction log: the journal is written again")
-            self._journal_failing = False
-        if seg.appended >= self.journal_segment_rows:
-            self._journal_current = None  # rotate; this file stays until its rows are out
-
-    def _open_segment(self) -> _Segment:
-        """Start a journal file: created and locked under a temporary name, then renamed.
-
-        Renaming only once it is locked means no other process can ever see it unlocked and
-        take it for an orphan.
-        """
-        if time.monotonic() < self._journal_retry_at:
-            return self._fileless_segment()
-        name = f"{time.time_ns():020d}-{os.getpid()}.jsonl"
-        path = self.journal_dir / name
-        tmp = self.journal_dir / f".{name}.tmp"
-        fh: BinaryIO | None = None
-        try:
-            self.journal_dir.mkdir(parents=True, exist_ok=True)
-            fh = tmp.open("xb")
-            _lock(fh)
-            os.replace(tmp, path)
-        except OSError as exc:
-            if fh is not None:
-                fh.close()
-                tmp.unlink(missing_ok=True)
-            self._journal_failed(f"cannot create a journal in {self.journal_dir}", exc)
-            return self._fileless_segment()
-        seg = _Segment(path=path, fh=fh)
-        self._segments.append(seg)
-        self._journal_current = seg
-        return seg
-
-    def _fileless_segment(self) -> _Segment:
-        """Where rows are counted while the journal cannot be written (so the count stays true)."""
-        last = self._segments[-1] if self._segments else None
-        if last is not None and last.path is None:
-            return last
-        seg = _Segment(path=None, fh=None)
-        self._segments.append(seg)
-        return seg
-
-    def _journal_failed(self, what: str, exc: OSError) -> None:
-        # Try a new file at most once a second, not on every call while the disk is full.
-        self._journal_retry_at = time.monotonic() + 1.0
-        if not self._journal_failing:
-            log.error(
-                "prediction log: %s (%s); rows are still logged but a killed process would "
-                "lose them until the journal works again",
-                what,
-                exc,
-            )
-        self._journal_failing = True
-
-    def _journal_release(self, rows: int) -> None:
-        """Forget the oldest ``rows`` journaled rows: they are written or spooled now.
-
-        The caller holds ``_cond``. A segment left with no rows is deleted, the current one
-        too (the next call starts a fresh file), so an idle log leaves no journal behind.
-        """
-        while rows > 0 and self._segments:
-            seg = self._segments[0]
-            taken = min(rows, seg.rows)
-            seg.rows -= taken
-            rows -= taken
-            if seg.rows > 0:
-                break
-            self._segments.popleft()
-            if seg is self._journal_current:
-                self._journal_current = None
-            self._drop_segment(seg)
-
-    @staticmethod
-    def _drop_segment(seg: _Segment) -> None:
-        # Delete before closing: while the lock is held nobody can adopt (and so replay) it.
-        try:
-            if seg.path is not None:
-                seg.path.unlink(missing_ok=True)
-        except OSError as exc:  # left behind it is only replayed (harmlessly) by the next start
-            log.warning("cannot delete journal %s: %s", seg.path, exc)
-        if seg.fh is not None:
-            try:
-                seg.fh.close()
-            except OSError as exc:  # the data it could not write is in the database already
-                log.debug("closing journal %s: %s", seg.path, exc)
-
-    def _adopt_journals(self) -> None:
-        """Move the journals of processes that are gone into the spool folder, to be written.
-
-        A journal is an orphan when nobody holds its ``flock``; that covers a killed process, a
-        pid since reused (a restarted container often gets the same pid back), a forgotten
-        :class:`PredictionLog` of this very process, and another container's pid namespace.
-        Where the file system has no locks, the pid in the name must have exited instead. (A
-        child ``fork()``-ed after the log opened a journal shares its lock; driftloop spawns.)
-        Rows already in the database are written again harmlessly (every write is idempotent).
-        """
-        if not self.journal_dir.is_dir():
-            return
-        with self._cond:
-            ours = {seg.path for seg in self._segments}
-        for path in sorted(self.journal_dir.glob("*.jsonl")):
-            if path in ours:
-                continue
-            target = self.spool_dir / f"{path.stem}-journal.jsonl"
-            try:
-                with path.open("rb") as fh:
-                    locked = _lock(fh)
-                    if locked is False or (locked is None and not _owner_is_gone(path)):
-                        continue  # its writer is alive
-                    os.replace(path, target)  # under the lock: a second adopter finds nothing
-            except FileNotFoundError:
-                continue  # deleted by its writer, or adopted by another process just now
-            except OSError as exc:
-                log.warning("cannot adopt journal %s: %s", path, exc)
-                continue
-            log.warning(
-                "adopted journal %s (%d rows) of a process that ended without closing its "
-                "prediction log; its rows are written with the spool",
-                path.name,
-                self._count_lines(target),
-            )
-        self._sweep_stale_tmp()
-
-    def _sweep_stale_tmp(self) -> None:
-        """Delete journal files left under their temporary name (a kill between open and rename)."""
-        cutoff = time.time() - STALE_TMP_SECONDS
-        for tmp in self.journal_dir.glob(".*.jsonl.tmp"):
-            try:
-                if tmp.stat().st_mtime >= cutoff:
-                    continue
-                with tmp.open("rb") as fh:
-                    if _lock(fh) is not False:
-                        tmp.unlink()  # empty: nothing is written before the rename
-            except OSError:
-                continue

@@ -141,8 +141,3 @@ def prepare_training_batch(
         sources=list(data.train_sources),
         inputs=inputs,
     )
-
-
-def drift_rows(tweets: pd.DataFrame, data: DataParams) -> pd.DataFrame:
-    """The tweets kept back from training for the drift scenario (the 2016 releases)."""
-    return tweets[tweets["source"].isin(data.drift_sources)].reset_index(drop=True)

@@ -1,4 +1,4 @@
-"""Evaluation on held-out data and the promotion rule.
+"""Evaluation on held-out data (the promotion rule that uses it: :mod:`ml.lifecycle.promotion`).
 
 The primary metric is macro-averaged recall (TweetEval's metric for this task); macro-F1,
 accuracy and per-class recall are reported next to it.
@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ml.params import LABELS, EvaluateParams, PromotionParams
+from ml.params import LABELS, EvaluateParams
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -30,25 +30,6 @@ class EvalResult:
     report: str
     rows: int
     data: str = ""  # which table (path and md5)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class PromotionDecision:
-    """Whether a challenger takes over from the champion, and why."""
-
-    promote: bool
-    outcome: str  # "promoted" | "kept_champion"
-    metric: str
-    challenger_version: str
-    challenger_score: float
-    champion_version: str | None
-    champion_score: float | None
-    min_improvement: float
-    reason: str
-    evidence: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,47 +130,3 @@ def log_to_mlflow(result: EvalResult, prefix: str = "val_") -> None:
         mlflow.log_artifact(str(report), "evaluation")
         (Path(tmp) / f"{prefix}metrics.json").write_text(json.dumps(result.to_dict(), indent=2))
         mlflow.log_artifact(str(Path(tmp) / f"{prefix}metrics.json"), "evaluation")
-
-
-def decide_promotion(
-    challenger_version: str,
-    challenger_metrics: dict[str, float],
-    champion_version: str | None,
-    champion_metrics: dict[str, float] | None,
-    params: PromotionParams,
-) -> PromotionDecision:
-    """The challenger becomes champion only if there is none or it wins by the margin."""
-    metric = params.metric
-    score = float(challenger_metrics[metric])
-    if champion_version is None or champion_metrics is None:
-        return PromotionDecision(
-            True,
-            "promoted",
-            metric,
-            challenger_version,
-            score,
-            None,
-            None,
-            params.min_improvement,
-            f"no champion yet; v{challenger_version} has {metric}={score:.4f}",
-        )
-    best = float(champion_metrics[metric])
-    delta = score - best
-    promote = delta >= params.min_improvement
-    verdict = "beats" if promote else "does not beat"
-    reason = (
-        f"v{challenger_version} {metric}={score:.4f} {verdict} champion v{champion_version} "
-        f"{metric}={best:.4f} by the required {params.min_improvement:+.4f} (delta {delta:+.4f})"
-    )
-    return PromotionDecision(
-        promote,
-        "promoted" if promote else "kept_champion",
-        metric,
-        challenger_version,
-        score,
-        champion_version,
-        best,
-        params.min_improvement,
-        reason,
-        evidence={"challenger": challenger_metrics, "champion": champion_metrics},
-    )

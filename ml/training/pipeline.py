@@ -1,8 +1,8 @@
-"""The training pipeline's steps: prepare → validate → train → evaluate → register → promote.
+"""The training pipeline's steps: prepare → validate → train → evaluate → register.
 
 Each step takes and returns small JSON-able values (paths, run ids, versions, metric dicts) so
 that the Airflow DAG, the DVC stages and the CLI call exactly the same functions; nothing here
-knows who called it.
+knows who called it. Promotion, the step after, is :mod:`ml.lifecycle.promotion`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from ml import registry
 from ml.params import Params, load_params
 from ml.settings import REPO_ROOT, get_settings
 from ml.training.data import PreparedBatch, dvc_hash, file_md5, prepare_training_batch, read_table
-from ml.training.evaluate import EvalResult, PromotionDecision, decide_promotion, evaluate_model
+from ml.training.evaluate import EvalResult, evaluate_model
 
 log = logging.getLogger(__name__)
 
@@ -152,16 +152,19 @@ def evaluate(run_id: str, params: Params | None = None) -> dict[str, float]:
     from ml.training.evaluate import log_to_mlflow
 
     params = params or load_params()
-    registry.client()
+    # Set up MLflow (store, tracking URI, experiment) before mlflow.start_run below resumes the
+    # run: the mlflow module only knows driftloop's store once it has been told.
+    registry.ensure_experiment()
     result = evaluate_dir(_model_dir_for_run(run_id), params)
     with mlflow.start_run(run_id=run_id):
         log_to_mlflow(result, prefix="val_")
-        mlflow.set_tag(EVAL_DATA_TAG, _val_md5(params))
+        mlflow.set_tag(EVAL_DATA_TAG, val_md5(params))
     log.info("run %s: %s", run_id, {k: round(v, 4) for k, v in result.metrics.items()})
     return result.metrics
 
 
-def _val_md5(params: Params) -> str:
+def val_md5(params: Params) -> str:
+    """The md5 of the validation split: which data a model's ``val_*`` metrics were scored on."""
     val_path = _repo_path(params.data.val)
     return dvc_hash(val_path) or file_md5(val_path)
 
@@ -194,152 +197,3 @@ def register(run_id: str, *, reason: str, actor: str) -> dict[str, Any]:
         reason=f"new model from run {run_id}: {reason}",
     )
     return registry.get_version(version.version).to_dict()
-
-
-def champion_metrics_on_current_data(params: Params) -> tuple[str | None, dict[str, float] | None]:
-    """The champion's validation metrics on today's validation data.
-
-    Reuses the metrics logged with the champion when they were computed on the same file
-    (same md5); otherwise re-scores the champion, so the comparison is always like for like.
-    """
-    champion = registry.get_alias(registry.CHAMPION)
-    if champion is None:
-        return None, None
-    run_tags = registry.client().get_run(champion.run_id).data.tags if champion.run_id else {}
-    if run_tags.get(EVAL_DATA_TAG) == _val_md5(params) and "val_macro_recall" in champion.metrics:
-        return champion.version, {
-            k[len("val_") :]: v for k, v in champion.metrics.items() if k.startswith("val_")
-        }
-    model_dir = registry.download_model(champion.version)
-    return champion.version, evaluate_dir(model_dir, params).metrics
-
-
-def promote(
-    version: str,
-    *,
-    actor: str,
-    params: Params | None = None,
-    force: bool = False,
-    reason: str | None = None,
-) -> PromotionDecision:
-    """Make ``version`` champion if it beats the champion by the margin (or ``force``).
-
-    Either way the decision goes into the audit table: a promotion as an alias move, a
-    kept champion as a ``keep`` row naming the challenger that lost.
-    """
-    params = params or load_params()
-    challenger = registry.get_version(version)
-    if "val_macro_recall" not in challenger.metrics:
-        raise registry.RegistryError(f"version {version} has no validation metrics")
-    challenger_metrics = {
-        k[len("val_") :]: v for k, v in challenger.metrics.items() if k.startswith("val_")
-    }
-    champ_version, champ_metrics = champion_metrics_on_current_data(params)
-    if champ_version == str(version):
-        decision = PromotionDecision(
-            False,
-            "kept_champion",
-            params.promotion.metric,
-            str(version),
-            challenger_metrics[params.promotion.metric],
-            champ_version,
-            challenger_metrics[params.promotion.metric],
-            params.promotion.min_improvement,
-            f"v{version} is already champion",
-        )
-        return decision
-    decision = decide_promotion(
-        str(version), challenger_metrics, champ_version, champ_metrics, params.promotion
-    )
-    if force and not decision.promote:
-        decision = PromotionDecision(
-            True,
-            "promoted",
-            decision.metric,
-            decision.challenger_version,
-            decision.challenger_score,
-            decision.champion_version,
-            decision.champion_score,
-            decision.min_improvement,
-            f"forced by {actor}: {reason or 'no reason given'} (rule said: {decision.reason})",
-            decision.evidence,
-        )
-    if decision.promote:
-        registry.set_alias(
-            registry.CHAMPION,
-            str(version),
-            actor=actor,
-            action="promote",
-            reason=decision.reason,
-            evidence=decision.to_dict(),
-        )
-    else:
-        registry.record_keep(
-            champion_version=champ_version,
-            challenger_version=str(version),
-            actor=actor,
-            reason=decision.reason,
-            evidence=decision.to_dict(),
-        )
-    return decision
-
-
-def run_all(
-    *,
-    reason: str,
-    actor: str = "cli",
-    epochs: int | None = None,
-    max_examples: int | None = None,
-    extra_paths: list[str] | None = None,
-) -> dict[str, Any]:
-    """The whole pipeline in one process (the CLI's ``driftloop train``)."""
-    batch = prepare(extra_paths=extra_paths, max_examples=max_examples)
-    validate(batch.path)
-    trained = train(
-        batch.path, reason=reason, trigger=actor, epochs=epochs, batch_inputs=batch.inputs
-    )
-    metrics = evaluate(trained["run_id"])
-    version = register(trained["run_id"], reason=reason, actor=actor)
-    decision = promote(version["version"], actor=actor)
-    return {
-        "batch": batch.__dict__,
-        "train": trained,
-        "metrics": metrics,
-        "version": version["version"],
-        "decision": decision.to_dict(),
-    }
-
-
-def promote_or_canary(version: str, *, actor: str, params: Params | None = None) -> str:
-    """The DAG's promotion step: the offline gate, then a canary when a champion exists.
-
-    Returns the outcome: ``promoted`` (first model, or canaries are switched off),
-    ``canary_started`` (the challenger now serves ``rollout.canary_share`` of live traffic and
-    ``canary_rollout`` decides), or ``kept_champion`` (it failed the offline gate and never
-    reaches traffic).
-    """
-    from ml.lifecycle import canary
-
-    params = params or load_params()
-    champion = registry.get_alias(registry.CHAMPION)
-    if champion is None or params.rollout.canary_share <= 0:
-        return promote(version, actor=actor, params=params).outcome
-    challenger = registry.get_version(version)
-    challenger_metrics = {
-        k[len("val_") :]: v for k, v in challenger.metrics.items() if k.startswith("val_")
-    }
-    champ_version, champ_metrics = champion_metrics_on_current_data(params)
-    decision = decide_promotion(
-        str(version), challenger_metrics, champ_version, champ_metrics, params.promotion
-    )
-    if not decision.promote:
-        registry.record_keep(
-            champion_version=champ_version,
-            challenger_version=str(version),
-            actor=actor,
-            reason=decision.reason,
-            evidence=decision.to_dict(),
-        )
-        return "kept_champion"
-    canary.start_canary(str(version), actor=actor, reason=f"offline gate: {decision.reason}")
-    return "canary_started"

@@ -17,9 +17,9 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from scripts.stack_env import stack_env
 
-from scripts.stack_env import stack_env  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-from scripts.airflow_api import LocalAirflow  # noqa: E402
-from scripts.native_stack import free_port  # noqa: E402
-from scripts.stack_env import stack_env  # noqa: E402
+from scripts.airflow_api import LocalAirflow
+from scripts.procs import free_port
+from scripts.stack_env import stack_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

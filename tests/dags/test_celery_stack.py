@@ -19,10 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from scripts.airflow_api import AirflowAPI
+from tests.harness.native_stack import NativeStack
+from tests.harness.servers import wait_for
 
-from scripts.airflow_api import AirflowAPI  # noqa: E402
-from scripts.native_stack import NativeStack  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -87,12 +88,11 @@ def test_celery_worker_trains_and_the_service_serves_it(stack) -> None:
     assert aliases["champion"] == "1"
 
     # ... and the service, polling that registry, serves it.
-    served: dict = {}
-    for _ in range(60):
-        served = httpx.get(f"{stack.service_url}/model", timeout=10).json()
-        if (served.get("champion") or {}).get("version") == "1":
-            break
-        time.sleep(2)
+    def serving_v1() -> dict | None:
+        info = httpx.get(f"{stack.service_url}/model", timeout=10).json()
+        return info if (info.get("champion") or {}).get("version") == "1" else None
+
+    served = wait_for(serving_v1, 120, "the service to serve v1", every=2)
     assert served["champion"]["version"] == "1", served
     resp = httpx.post(
         f"{stack.service_url}/predict",
@@ -129,15 +129,13 @@ def test_a_task_retries_through_an_mlflow_outage_and_succeeds(stack) -> None:
     run_id = api.trigger("train_model", {"max_examples": 60, "reason": "MLflow outage test"})
     event(f"train_model triggered ({run_id})")
 
-    waiting: str | None = None
-    deadline = time.monotonic() + 600
-    while waiting is None:
+    def up_for_retry() -> str | None:
         tis = api.task_instances("train_model", run_id)
-        waiting = next((t for t, ti in tis.items() if ti["state"] == "up_for_retry"), None)
         ended = {t: ti["state"] for t, ti in tis.items() if ti["state"] in {"failed", "success"}}
         assert "train" not in ended, f"train ended before MLflow came back: {ended}"
-        assert time.monotonic() < deadline, f"no task waited for a retry: {tis}"
-        time.sleep(1)
+        return next((t for t, ti in tis.items() if ti["state"] == "up_for_retry"), None)
+
+    waiting: str = wait_for(up_for_retry, 600, "a task to wait for its retry", every=1)
     failed_at = event(f"task `{waiting}` failed its first try and waits to retry")
 
     stack.start_mlflow()
@@ -177,7 +175,7 @@ def test_a_task_retries_through_an_mlflow_outage_and_succeeds(stack) -> None:
             [
                 "# Fault: the MLflow server stopped while a DAG task needs it",
                 "",
-                "The native CeleryExecutor stack (`tests/test_celery_stack.py`). The MLflow "
+                "The native CeleryExecutor stack (`tests/dags/test_celery_stack.py`). The MLflow "
                 "server was stopped, `train_model` triggered through the REST API, and the "
                 "server started again once the first task that needed it had failed and was "
                 "waiting for Airflow's retry (every 20 s, up to 5 retries; MLflow's client "

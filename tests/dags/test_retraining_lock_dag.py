@@ -20,8 +20,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RUN = r"""
 import json, os, sys
+# What Airflow's DAG processor does: the DAGs folder is on sys.path (the DAGs import _driftloop).
 sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"], "dags"))
-import ml.drift, ml.lifecycle.loop
+import ml.drift, ml.lifecycle.feedback, ml.lifecycle.lock, ml.lifecycle.loop
 
 DRIFT = {"drift_detected": True, "report_dir": "/r/1", "rows": 500,
          "window_start": "2026-12-01T00:00:00+00:00", "window_end": "2026-12-01T01:00:00+00:00",
@@ -40,18 +41,18 @@ def record(*args, **kwargs):
     calls["n"] += 1
     if mode == "fails" or (mode == "fails_once" and calls["n"] == 1):
         raise RuntimeError("recording the labelled window failed")
-    return {"path": None}
+    return ml.lifecycle.feedback.RecordedWindow(path=None, rows=0, dropped=0)
 
 
 ml.lifecycle.loop.nothing_to_judge = lambda *a, **k: None
 ml.drift.run_drift = lambda *a, **k: Report()
 ml.lifecycle.loop.champion_vs_previous = lambda *a, **k: None
-ml.lifecycle.loop.record_labelled_window = record
+ml.lifecycle.feedback.record_labelled_window = record
 
 from airflow.dag_processing.dagbag import DagBag
 
 run = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"]).dags["monitor_drift"].test()
-print(json.dumps({"run": str(run.state), "lock_held": ml.lifecycle.loop.retraining_running(),
+print(json.dumps({"run": str(run.state), "lock_held": ml.lifecycle.lock.retraining_running(),
                   "recorded": calls["n"],
                   "tasks": {ti.task_id: str(ti.state) for ti in run.get_task_instances()}}))
 """

@@ -1,8 +1,8 @@
 """Helpers for tests that run servers of their own (imported by test modules, not a fixture file).
 
 :class:`PrivateServices` is a PostgreSQL and a Redis server private to one test module
-(:class:`scripts.native_stack.LocalServers`), so outage tests can stop and restart them without
-touching the session's shared servers.
+(:class:`tests.harness.native_stack.LocalServers`), so outage tests can stop and restart them
+without touching the session's shared servers.
 
 :func:`servers_missing` is the one policy for a server binary that is not installed, used by every
 test that starts PostgreSQL or Redis (``conftest.py``, :class:`PrivateServices`,
@@ -13,27 +13,13 @@ test that starts PostgreSQL or Redis (``conftest.py``, :class:`PrivateServices`,
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-from scripts.airflow_api import terminate_group  # noqa: E402
-from scripts.native_stack import LocalServers, ServersMissing, free_port  # noqa: E402
-
-__all__ = [
-    "ALLOW_MISSING_SERVICES",
-    "PrivateServices",
-    "allow_missing_services",
-    "free_port",
-    "servers_missing",
-    "terminate_group",
-    "wait_for",
-]
+from scripts import procs
+from tests.harness.native_stack import LocalServers, ServersMissing
 
 ALLOW_MISSING_SERVICES = "DRIFTLOOP_ALLOW_MISSING_SERVICES"
 INSTALL_COMMAND = "make services-install"  # = bash scripts/services.sh install (as root or sudo)
@@ -62,14 +48,12 @@ def servers_missing(detail: str, what: str = "PostgreSQL or Redis") -> NoReturn:
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+    """Poll ``condition`` until it returns something truthy (:func:`scripts.procs.wait_for`, no
+    exception taken for "not yet"); fail the test after ``timeout``."""
+    try:
+        return procs.wait_for(condition, what, timeout, every, retry_on=())
+    except TimeoutError as exc:
+        pytest.fail(str(exc))
 
 
 class PrivateServices(LocalServers):

@@ -1,17 +1,14 @@
-"""The API fuzzer's own rules (``scripts/fuzz_api.py``), without a server.
+"""The API fuzzer's own rules (`tests/harness/fuzz_api.py`) and the schema it reads, no server.
 
-The fuzzing itself runs against the real serving stack in ``tests/test_load_faults.py``.
+The fuzzing itself runs against the real serving stack in the load and fault lab
+(``tests/harness/load``).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-from scripts.fuzz_api import fuzz, guard_contract, require_local  # noqa: E402
+from tests.harness.fuzz_api import fuzz, guard_contract, require_local
 
 KEY = "k-fuzz"
 
@@ -37,7 +34,7 @@ def test_local_urls_are_accepted() -> None:
     assert require_local("http://[::1]:3000") == "http://[::1]:3000"
 
 
-def test_guard_contract_documents_the_guard_and_tightens_the_bodies() -> None:
+def test_guard_contract_documents_the_guard_and_leaves_the_bodies_as_served() -> None:
     body = {"type": "object", "properties": {"texts": {"type": "array"}}}
     document = {
         "paths": {
@@ -54,9 +51,28 @@ def test_guard_contract_documents_the_guard_and_tightens_the_bodies() -> None:
     extended = guard_contract(document)
     predict = extended["paths"]["/predict"]["post"]
     assert {"200", "401", "403", "413", "422", "429"} <= set(predict["responses"])
-    schema = predict["requestBody"]["content"]["application/json"]["schema"]
-    assert schema["additionalProperties"] is False
-    assert schema["properties"]["texts"]["minItems"] == 1
+    assert predict["requestBody"]["content"]["application/json"]["schema"] == body
     assert set(extended["paths"]["/admin/reload"]["post"]["responses"]) >= {"401", "403"}
     assert set(extended["paths"]["/model"]["get"]["responses"]) == {"200"}  # open endpoint
-    assert "additionalProperties" not in body  # the served document is left as it was
+    assert "401" not in document["paths"]["/predict"]["post"]["responses"]  # served doc unchanged
+
+
+def test_the_published_schema_states_the_limits_the_guard_enforces() -> None:
+    """What the fuzzer used to patch into the document, BentoML now publishes from the types."""
+    from bentos.sentiment.service import SentimentService
+    from ml.settings import get_settings
+
+    settings = get_settings()
+    paths = SentimentService.openapi_spec.asdict()["paths"]
+
+    def body(path: str) -> dict:
+        return paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+
+    predict, feedback = body("/predict"), body("/feedback")
+    assert predict["additionalProperties"] is False and feedback["additionalProperties"] is False
+    texts = predict["properties"]["texts"]
+    assert (texts["minItems"], texts["maxItems"]) == (1, settings.max_texts_per_request)
+    assert texts["items"]["maxLength"] == settings.max_chars_per_text
+    assert texts["items"]["pattern"] == r"\S"  # not blank
+    assert feedback["properties"]["request_id"]["pattern"] == "^[A-Za-z0-9_-]{1,64}$"
+    assert feedback["properties"]["label"]["enum"] == ["negative", "neutral", "positive"]

@@ -1,4 +1,4 @@
-"""Load and fault tests of the serving stack (``scripts/load_faults.py``), bounded for CI.
+"""Load and fault tests of the serving stack (:mod:`tests.harness.load`), bounded for CI.
 
 One stack for the module: a PostgreSQL and a Redis of its own (stopped and restarted by the
 tests), an MLflow server on that PostgreSQL, and ``bentoml serve`` with MiniLM as champion. Each
@@ -18,11 +18,13 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.harness.load import faults
+from tests.harness.load.lab import FaultLab
+from tests.harness.load.report import ScenarioReport
+from tests.harness.native_stack import ServersMissing
+from tests.harness.servers import servers_missing
 
-from scripts import load_faults  # noqa: E402
-from scripts.native_stack import ServersMissing  # noqa: E402
-from tests.harness.servers import servers_missing  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -31,8 +33,8 @@ STEADY_SECONDS = float(os.environ.get("DRIFTLOOP_LOAD_SECONDS", "90"))
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[load_faults.FaultLab]:
-    lab = load_faults.FaultLab(tmp_path_factory.mktemp("load"), results=RESULTS)
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultLab]:
+    lab = FaultLab(tmp_path_factory.mktemp("load"), results=RESULTS)
     try:
         lab.start()
     except ServersMissing as exc:
@@ -45,42 +47,42 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[load_faults.FaultL
     lab.stop()
 
 
-def assert_passed(report: load_faults.ScenarioReport) -> None:
+def assert_passed(report: ScenarioReport) -> None:
     assert report.passed, f"{report.failures()}\n\n{report.to_markdown()}"
 
 
-def test_steady_load(lab: load_faults.FaultLab) -> None:
-    report = load_faults.steady(lab, STEADY_SECONDS)
+def test_steady_load(lab: FaultLab) -> None:
+    report = faults.steady(lab, STEADY_SECONDS)
     assert_passed(report)
     assert report.load["answered"] > 0 and report.rows["logged"] == report.load["predictions"]
 
 
-def test_redis_stopped_and_restarted_under_load(lab: load_faults.FaultLab) -> None:
-    assert_passed(load_faults.redis_restart(lab))
+def test_redis_stopped_and_restarted_under_load(lab: FaultLab) -> None:
+    assert_passed(faults.redis_restart(lab))
 
 
-def test_postgres_stopped_and_restarted_under_load(lab: load_faults.FaultLab) -> None:
-    report = load_faults.postgres_restart(lab)
+def test_postgres_stopped_and_restarted_under_load(lab: FaultLab) -> None:
+    report = faults.postgres_restart(lab)
     assert_passed(report)
     assert report.recovery_s["PostgreSQL back -> backlog written"] is not None
 
 
-def test_service_killed_and_restarted_under_load(lab: load_faults.FaultLab) -> None:
-    report = load_faults.service_kill(lab)
+def test_service_killed_and_restarted_under_load(lab: FaultLab) -> None:
+    report = faults.service_kill(lab)
     assert_passed(report)
     # The kill really took the service away (requests found nothing), and it came back.
     assert report.load["no_response"] > 0
     assert report.recovery_s["kill -> first answered request"] is not None
 
 
-def test_a_corrupt_artifact_leaves_the_old_version_serving(lab: load_faults.FaultLab) -> None:
-    assert_passed(load_faults.corrupt_artifact(lab))
+def test_a_corrupt_artifact_leaves_the_old_version_serving(lab: FaultLab) -> None:
+    assert_passed(faults.corrupt_artifact(lab))
 
 
 def test_fuzzing_from_the_openapi_schema_finds_no_server_error(
-    lab: load_faults.FaultLab,
+    lab: FaultLab,
 ) -> None:
-    result = load_faults.fuzz_schema(lab)
+    result = faults.fuzz_schema(lab)
     report = result.to_markdown()
     # The run reached every operation and both sides of the guard, or its verdict means nothing.
     assert {"POST /predict", "POST /feedback", "GET /model", "POST /admin/reload"} <= set(

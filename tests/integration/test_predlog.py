@@ -26,13 +26,8 @@ import pytest
 import sqlalchemy as sa
 
 from ml.db import feedback, get_engine, predictions
-from ml.serving.predlog import (
-    FeedbackRecord,
-    PredictionLog,
-    PredictionRecord,
-    _encode,
-    new_request_id,
-)
+from ml.serving.predlog import PredictionLog
+from ml.serving.records import FeedbackRecord, PredictionRecord, encode, new_request_id
 from tests.harness.servers import PrivateServices
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -273,7 +268,8 @@ CHILD = textwrap.dedent(
     from datetime import UTC, datetime
     from pathlib import Path
 
-    from ml.serving.predlog import FeedbackRecord, PredictionLog, PredictionRecord
+    from ml.serving.predlog import PredictionLog
+    from ml.serving.records import FeedbackRecord, PredictionRecord
 
     url, spool, prefix, n = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     # Writes wait a minute and a batch is never full: every row stays in memory (and the journal).
@@ -373,8 +369,8 @@ def test_an_unlocked_journal_is_adopted_and_its_torn_last_line_skipped(tmp_path:
     spool = tmp_path / "spool"
     (spool / "journal").mkdir(parents=True)
     batch = records(3)
-    lines = [_encode(("p", r.to_row())) for r in batch]
-    torn = _encode(("p", records(1)[0].to_row()))[:40]  # killed in the middle of this write
+    lines = [encode(("p", r.to_row())) for r in batch]
+    torn = encode(("p", records(1)[0].to_row()))[:40]  # killed in the middle of this write
     orphan = spool / "journal" / f"{time.time_ns():020d}-{os.getpid()}.jsonl"
     orphan.write_text(f"{lines[0]}\n{lines[1]}\nnot json\n{lines[2]}\n{torn}", encoding="utf-8")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +26,9 @@ import pytest
 import sqlalchemy as sa
 
 from ml.params import LABELS
-from tests.harness.servers import PrivateServices, free_port, terminate_group, wait_for
+from ml.serving.launch import serve_argv
+from scripts.procs import free_port, terminate_group
+from tests.harness.servers import PrivateServices, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -115,15 +116,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
             }
             with log_path.open("wb") as log_file:
                 process = subprocess.Popen(
-                    [
-                        str(Path(sys.executable).parent / "bentoml"),
-                        "serve",
-                        "bentos.sentiment.service:SentimentService",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(port),
-                    ],
+                    serve_argv(host="127.0.0.1", port=port),
                     cwd=REPO_ROOT,
                     env=server_env,
                     stdout=log_file,

@@ -6,14 +6,14 @@ import os
 import re
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.harness.servers import free_port, terminate_group
+from ml.serving.launch import serve_argv
+from scripts.procs import free_port, terminate_group, wait_http_ok
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BENTO_DIR = REPO_ROOT / "bentos" / "sentiment"
@@ -35,6 +35,43 @@ def pins(path: Path) -> dict[str, str]:
             name, version = re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)", line).groups()  # type: ignore[union-attr]
             found[name.lower()] = version
     return found
+
+
+# Imports every ml module the service's files name (at the top or inside a method), then lists
+# the files of all ml modules loaded: what the service needs, and all that the bento should ship.
+LIST_SERVING_MODULES = """
+import ast, importlib, sys
+from pathlib import Path
+root = Path.cwd()
+for path in sorted((root / "bentos/sentiment").glob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "ml":
+            importlib.import_module(node.module)
+for name, module in sorted(sys.modules.items()):
+    if name == "ml" or name.startswith("ml."):
+        print(Path(module.__file__).resolve().relative_to(root))
+"""
+
+
+def serving_modules() -> set[str]:
+    """The ``ml`` files the service imports, found in a fresh interpreter."""
+    out = subprocess.run(
+        [sys.executable, "-c", LIST_SERVING_MODULES],
+        cwd=REPO_ROOT,
+        env={**os.environ, "BENTOML_DO_NOT_TRACK": "True"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return set(out.stdout.split())
+
+
+def test_serving_imports_nothing_but_the_serving_side_of_the_library() -> None:
+    modules = serving_modules()
+    assert "ml/serving/loading.py" in modules and "ml/artifacts.py" in modules
+    others = ("ml/training/", "ml/drift/", "ml/lifecycle/", "ml/cli.py")
+    assert not [m for m in modules if m.startswith(others)], modules
 
 
 def test_bento_requirements_are_the_locked_versions() -> None:
@@ -83,8 +120,9 @@ def test_bentoml_build_works_offline_and_the_bento_serves(
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "torch==2.13.0+cpu" in requirements
     assert not re.search(r"nvidia-|torch==2\.13\.0(?!\+cpu)", requirements)
-    assert (bento / "src" / "ml" / "inference.py").is_file()
     assert (bento / "src" / "bentos" / "sentiment" / "service.py").is_file()
+    shipped = {str(p.relative_to(bento / "src")) for p in (bento / "src" / "ml").rglob("*.py")}
+    assert shipped == serving_modules()
 
     for key in ("DRIFTLOOP_HOME", "MLFLOW_TRACKING_URI", "DATABASE_URL"):
         monkeypatch.setenv(key, env[key])
@@ -99,7 +137,7 @@ def test_bentoml_build_works_offline_and_the_bento_serves(
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
-            [bentoml, "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
+            serve_argv(tag, host="127.0.0.1", port=port),
             cwd=tmp_path,
             env=env,
             stdout=log_file,
@@ -108,16 +146,8 @@ def test_bentoml_build_works_offline_and_the_bento_serves(
             start_new_session=True,
         )
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/readyz"
+        wait_http_ok(url, "the built bento", 240, proc=proc, log_path=log_path)
         resp = httpx.post(
             f"http://127.0.0.1:{port}/predict", json={"texts": ["from a bento"]}, timeout=30
         )

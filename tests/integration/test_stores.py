@@ -32,11 +32,12 @@ if door == "cli":
 elif door == "registry":
     from ml import registry
 elif door == "predlog":
-    from ml.serving.predlog import PredictionLog, PredictionRecord, new_request_id
+    from ml.serving.predlog import PredictionLog
+    from ml.serving.records import PredictionRecord, new_request_id
     from ml.settings import get_settings
 else:
     from ml.lifecycle import loop
-    from ml.drift import load_window
+    from ml.drift.window import load_window
 start = float(os.environ["START_AT"])
 while time.time() < start:
     time.sleep(0.002)

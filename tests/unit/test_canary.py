@@ -11,7 +11,9 @@ import sqlalchemy as sa
 from ml import registry
 from ml.db import feedback, get_engine, predictions
 from ml.lifecycle import canary
-from ml.lifecycle.canary import VersionStats, decide_canary
+from ml.lifecycle.canary import CanaryDecision, decide_canary
+from ml.lifecycle.evidence import VersionStats
+from ml.lifecycle.outcomes import CanaryOutcome
 from ml.params import RolloutParams
 
 PARAMS = RolloutParams()
@@ -26,6 +28,14 @@ def stats(version: str, n: int, labels: int, acc: float, conf: float = 0.8,
 def test_better_challenger_is_promoted() -> None:
     d = decide_canary(stats("1", 800, 400, 0.66), stats("2", 200, 120, 0.72), PARAMS)
     assert d.action == "promote" and "not worse" in d.reason
+
+
+def test_a_decision_crosses_the_xcom_boundary_as_a_dict_and_back() -> None:
+    d = decide_canary(stats("1", 800, 400, 0.70), stats("2", 200, 150, 0.50), PARAMS)
+    as_dict = d.to_dict()
+    assert as_dict["action"] == "rollback" and type(as_dict["action"]) is str
+    assert as_dict["challenger"]["accuracy"] == d.challenger.accuracy
+    assert CanaryDecision.from_dict(as_dict) == d
 
 
 def test_equal_challenger_is_promoted_as_not_worse() -> None:
@@ -80,9 +90,11 @@ def _log_traffic(version: str, n: int, acc: float, start: datetime, rng: random.
         conn.execute(sa.insert(feedback), fb)
 
 
-@pytest.mark.parametrize(("acc", "action", "champion_after"),
-                         [(0.80, "promote", "2"), (0.30, "rollback", "1")])
-def test_canary_evaluation_end_to_end(tmp_home, tiny_model_dir, acc, action, champion_after):
+@pytest.mark.parametrize(("acc", "action", "outcome", "champion_after"),
+                         [(0.80, "promote", "canary_promoted", "2"),
+                          (0.30, "rollback", "canary_rolled_back", "1")])
+def test_canary_evaluation_end_to_end(tmp_home, tiny_model_dir, acc, action, outcome,
+                                      champion_after):
     v1 = registry.register_model_dir(tiny_model_dir, reason="first").version
     registry.set_alias("champion", v1, actor="t", reason="seed", action="promote")
     v2 = registry.register_model_dir(tiny_model_dir, reason="retrain").version
@@ -96,9 +108,14 @@ def test_canary_evaluation_end_to_end(tmp_home, tiny_model_dir, acc, action, cha
     _log_traffic(v2, 150, acc, start, rng)
     _log_traffic(v2, 50, 0.1, start - timedelta(days=1), rng)  # before the canary: ignored
 
-    decision = canary.evaluate_canary(actor="dag:canary_rollout/y")
+    evaluation = canary.evaluate()
+    assert evaluation.outcome == outcome, evaluation.reason
+    decision = evaluation.decision
     assert decision.action == action, decision.reason
     assert decision.challenger.predictions == 150
+    assert registry.get_alias("champion").version == v1, "evaluating must not act"
+    act = canary.promote_canary if action == "promote" else canary.roll_back_canary
+    act(CanaryDecision.from_dict(evaluation.to_dict()["decision"]), actor="dag:canary_rollout/y")
     assert registry.get_alias("champion").version == champion_after
     last = registry.audit_log(limit=1)[0]
     assert last.action == f"canary_{action}" and last.actor == "dag:canary_rollout/y"
@@ -107,3 +124,11 @@ def test_canary_evaluation_end_to_end(tmp_home, tiny_model_dir, acc, action, cha
     if action == "rollback":
         assert registry.get_alias("challenger") is None
         assert "rejected" in registry.get_version(v2).tags
+
+
+def test_nothing_to_judge_then_no_canary(tmp_home, tiny_model_dir) -> None:
+    assert canary.evaluate().outcome is CanaryOutcome.NOTHING_TO_JUDGE  # no registry yet
+    v1 = registry.register_model_dir(tiny_model_dir, reason="first").version
+    registry.set_alias("champion", v1, actor="t", reason="seed", action="promote")
+    evaluation = canary.evaluate()
+    assert evaluation.outcome is CanaryOutcome.NO_CANARY and evaluation.decision is None

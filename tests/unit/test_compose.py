@@ -1,4 +1,5 @@
-"""The production stack's static deployment: ``docker-compose.airflow.yml`` and ``deploy/``.
+"""The production stack's static deployment: ``docker-compose.airflow.yml``, ``deploy/`` and the
+monitoring configuration under ``monitoring/`` (Prometheus, Grafana, statsd).
 
 No Docker engine runs here, so these tests check what can be checked without one: the compose file
 against the compose specification's JSON schema (``check-jsonschema``), every reference in it
@@ -29,10 +30,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = REPO_ROOT / "docker-compose.airflow.yml"
 ENV_EXAMPLE = REPO_ROOT / ".env.example"
 DEPLOY = REPO_ROOT / "deploy"
-DASHBOARD = DEPLOY / "grafana" / "dashboards" / "driftloop.json"
-DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
-PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
-STATSD_MAPPINGS = DEPLOY / "statsd" / "mappings.yml"
+MONITORING = REPO_ROOT / "monitoring"
+DASHBOARD = MONITORING / "grafana" / "dashboards" / "driftloop.json"
+DATASOURCES = MONITORING / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+PROMETHEUS = MONITORING / "prometheus" / "prometheus.yml"
+STATSD_MAPPINGS = MONITORING / "statsd" / "mappings.yml"
 DOCS = REPO_ROOT / "docs" / "running-at-scale.md"
 CHECK_JSONSCHEMA = Path(sys.executable).parent / "check-jsonschema"
 
@@ -445,7 +447,7 @@ def test_the_reference_check_reports_what_is_missing(tmp_path: Path) -> None:
         "condition": "service_completed_successfully"
     }
     svcs["sentiment"]["depends_on"]["airflow-init"] = {"condition": "service_healthy"}
-    svcs["prometheus"]["volumes"].append("./deploy/prometheus/rules.yml:/etc/prometheus/rules.yml")
+    svcs["prometheus"]["volumes"].append("./monitoring/prometheus/rules.yml:/etc/prometheus/rules.yml")
     svcs["prometheus"]["volumes"].append("tsdb-archive:/archive")
     svcs["prometheus"]["networks"] = ["monitoring"]
     svcs["mlflow"]["env_file"] = [".env.mlflow"]
@@ -455,7 +457,7 @@ def test_the_reference_check_reports_what_is_missing(tmp_path: Path) -> None:
         "unknown service 'loki'",
         "airflow-worker to complete, but airflow-worker restarts",
         "airflow-init to be healthy, but it has no healthcheck",
-        "'./deploy/prometheus/rules.yml' does not exist",
+        "'./monitoring/prometheus/rules.yml' does not exist",
         "volume 'tsdb-archive' is not declared",
         "network 'monitoring' is not declared",
         "env_file '.env.mlflow' does not exist",
@@ -820,11 +822,11 @@ def test_dashboard_panels_use_the_provisioned_datasource() -> None:
     host, port = re.fullmatch(r"http://([\w-]+):(\d+)", datasource["url"]).groups()  # type: ignore[union-attr]
     assert host in services() and port == "9090"
     provider = yaml.safe_load(
-        (DEPLOY / "grafana" / "provisioning" / "dashboards" / "driftloop.yml").read_text()
+        (MONITORING / "grafana" / "provisioning" / "dashboards" / "driftloop.yml").read_text()
     )["providers"][0]
     mounts = dict(v.split(":")[:2] for v in services()["grafana"]["volumes"])
-    assert mounts["./deploy/grafana/dashboards"] == provider["options"]["path"]
-    assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    assert mounts["./monitoring/grafana/dashboards"] == provider["options"]["path"]
+    assert mounts["./monitoring/grafana/provisioning"] == "/etc/grafana/provisioning"
 
 
 def test_prometheus_scrapes_the_service_and_the_statsd_exporter() -> None:
@@ -843,7 +845,7 @@ def test_prometheus_scrapes_the_service_and_the_statsd_exporter() -> None:
             host = target.split(":")[0]
             assert host == "localhost" or host in services(), f"{name}: unknown host {host}"
     mounts = services()["prometheus"]["volumes"]
-    assert "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
+    assert "./monitoring/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
 
 
 def _package_dir(name: str) -> Path:

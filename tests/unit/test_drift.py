@@ -15,20 +15,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ml.drift import (
-    DESCRIPTORS,
-    DriftParams,
-    DriftResult,
-    build_reference,
-    compare,
-    compute_features,
-    list_reports,
-    load_window,
-    quality_signal,
-    run_drift,
-    text_descriptors,
-)
-from ml.params import LABELS, load_params
+from ml.drift import DriftResult, list_reports, run_drift
+from ml.drift.compare import compare
+from ml.drift.features import DESCRIPTORS, compute_features, text_descriptors
+from ml.drift.quality import quality_signal
+from ml.drift.reference import build_reference
+from ml.drift.window import load_window
+from ml.params import LABELS, DriftParams, load_params
 from monitoring.calibrate import out_of_domain_texts
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -394,7 +387,7 @@ def test_reference_is_built_once_per_version(tmp_home: Path, tweets: pd.DataFram
 def test_reference_rows_leave_out_the_champions_training_batch(
     tmp_home: Path, tmp_path: Path
 ) -> None:
-    from ml.drift import REFERENCE_TAG, reference_rows
+    from ml.drift.reference import REFERENCE_TAG, reference_rows
     from ml.params import Params
     from ml.settings import get_settings
     from ml.training.data import file_md5
@@ -432,3 +425,23 @@ def test_reference_rows_leave_out_the_champions_training_batch(
     table.iloc[60:][["label", "text"]].to_csv(own, sep="\t", index=False)
     tagged = reference_rows(params=params, run_tags={REFERENCE_TAG: str(own)})
     assert set(tagged["text"]) <= set(texts[60:]) and len(tagged) == 10
+
+
+def test_the_judged_version_comes_from_the_one_download_cache(
+    tmp_home: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ml import artifacts, registry
+    from ml.drift.reference import load_version
+
+    version = registry.register_model_dir(tiny_model_dir, reason="test").version
+    model, tok = load_version(version)
+    assert model.config.num_labels == len(LABELS) and tok("a tweet")["input_ids"]
+    cached = [p for p in artifacts.cache_root().iterdir() if not p.name.startswith(".")]
+    assert len(cached) == 1 and f"-v{version}-" in cached[0].name
+
+    def no_download(*args: object, **kwargs: object) -> Path:
+        raise AssertionError("downloaded again")
+
+    monkeypatch.setattr(registry, "download_model", no_download)
+    again, _ = load_version(version)  # the copy serving would read too
+    assert again.config.hidden_size == model.config.hidden_size

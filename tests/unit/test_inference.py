@@ -1,4 +1,4 @@
-"""Serving-side inference: loading for speed, micro-batching and the rollout pool.
+"""Serving-side inference: loading for speed, micro-batching, the model process and the pool.
 
 Real tiny models throughout; the registry is replaced by a dict of alias -> version (the HTTP
 tests in test_serving.py go through the real MLflow registry).
@@ -18,16 +18,16 @@ import numpy as np
 import pytest
 
 from ml.modeling import load_model, load_tokenizer, predict_proba, save_model, tiny_classifier
-from ml.serving import inference
-from ml.serving.inference import (
-    MicroBatcher,
+from ml.serving.batcher import MicroBatcher
+from ml.serving.loading import (
+    WARMUP_TEXTS,
     ModelLoadError,
-    ModelPool,
-    ModelProcess,
     ServingModel,
-    canary_share_of,
     load_for_serving,
+    serving_device,
 )
+from ml.serving.pool import ModelPool, canary_share_of, registry_loader
+from ml.serving.worker import ModelProcess
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +104,14 @@ def test_gpu_setting_without_cuda_says_so_and_serves_on_cpu(
     import torch
 
     if torch.cuda.is_available():
-        device, precision = inference.serving_device("auto", gpu=True)
+        device, precision = serving_device("auto", gpu=True)
         assert device == "cuda" and precision in ("bf16", "fp16")
         return
-    with caplog.at_level(logging.WARNING, logger="ml.serving.inference"):
-        assert inference.serving_device("auto", gpu=True) == ("cpu", "int8")
+    with caplog.at_level(logging.WARNING, logger="ml.serving.loading"):
+        assert serving_device("auto", gpu=True) == ("cpu", "int8")
     assert "no CUDA device" in caplog.text
     with pytest.raises(ModelLoadError, match="cuda"):
-        inference.serving_device("cuda", gpu=False)
+        serving_device("cuda", gpu=False)
 
 
 # ------------------------------------------------------------------------------------ batcher
@@ -272,7 +272,7 @@ def test_swaps_under_concurrent_traffic_never_fail_a_request(registry: Registry)
     pool = ModelPool(
         resolve=registry.resolve,
         load=registry.load,
-        warmup=lambda m: batcher.predict(m, inference.WARMUP_TEXTS, timeout=30),
+        warmup=lambda m: batcher.predict(m, WARMUP_TEXTS, timeout=30),
     )
     registry.aliases["champion"] = Version("sentiment", "1")
     pool.refresh()
@@ -376,14 +376,14 @@ def test_registry_loader_keeps_downloads_for_the_next_start(
     from ml.settings import get_settings
 
     v1 = registry.register_model_dir(tiny_model_dir, reason="cache test")
-    work = tmp_path / "work"
+    work = get_settings().work_dir
     seen: list[Path] = []
 
     def load_dir(path: Path, info: Any) -> ServingModel:
         seen.append(path)
         return load_for_serving(path, name=info.name, version=str(info.version))
 
-    assert inference.registry_loader(load_dir, work_dir=work)(v1).version == v1.version
+    assert registry_loader(load_dir)(v1).version == v1.version
     assert seen[0].is_relative_to(work / "models")
 
     artifacts = get_settings().artifact_root
@@ -391,20 +391,41 @@ def test_registry_loader_keeps_downloads_for_the_next_start(
     shutil.move(artifacts, saved)  # the registry can no longer hand out v1's files
     with pytest.raises(Exception):  # noqa: B017, PT011 - proves the store really is gone
         registry.download_model(v1.version, dst=tmp_path / "probe")
-    assert inference.registry_loader(load_dir, work_dir=work)(v1).version == v1.version
+    assert registry_loader(load_dir)(v1).version == v1.version
     assert seen[1] == seen[0]
 
     def broken(path: Path, info: Any) -> ServingModel:
         raise ModelLoadError("cannot load")
 
     with pytest.raises(ModelLoadError):
-        inference.registry_loader(broken, work_dir=work)(v1)
+        registry_loader(broken)(v1)
     assert not seen[0].exists(), "a copy that failed to load must be dropped"
 
     shutil.move(saved, artifacts)
     v2 = registry.register_model_dir(tiny_model_dir, reason="cache test 2")
-    loader = inference.registry_loader(load_dir, work_dir=work, keep_versions=1)
+    loader = registry_loader(load_dir, keep_versions=1)
     loader(v1)
     loader(v2)
     kept = [p.name for p in (work / "models").iterdir()]
     assert len(kept) == 1 and kept[0].startswith(f"sentiment-v{v2.version}-"), kept
+
+
+def test_cached_model_dir_downloads_a_version_once(
+    tmp_home: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ml import artifacts, registry
+
+    version = registry.register_model_dir(tiny_model_dir, reason="cache test").version
+    downloads: list[str] = []
+    download = registry.download_model
+
+    def counted(*args: Any, **kwargs: Any) -> Path:
+        downloads.append(args[0])
+        return download(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "download_model", counted)
+    first = artifacts.cached_model_dir(version)
+    assert (first / "config.json").is_file() and (first / "tokenizer_config.json").is_file()
+    assert artifacts.cached_model_dir(version) == first
+    assert downloads == [version]
+    assert first.is_relative_to(artifacts.cache_root())

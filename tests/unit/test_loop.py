@@ -8,8 +8,11 @@ from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
-from ml.db import feedback, get_engine, predictions, retraining_lock
-from ml.lifecycle import loop
+from ml.db import feedback as feedback_table
+from ml.db import get_engine, predictions, retraining_lock
+from ml.lifecycle import feedback, lock, loop
+from ml.lifecycle.loop import LoopDecision
+from ml.lifecycle.outcomes import MonitorOutcome
 from ml.settings import get_settings
 
 DRIFT = {"drift_detected": True, "report_dir": "/r/1", "window_start": "a", "window_end": "b",
@@ -27,6 +30,14 @@ def comparison(champion_acc: float, previous_acc: float, p: float, n: int = 200)
 def test_no_drift() -> None:
     d = loop.decide(CALM)
     assert d.outcome == "no_drift" and d.reason == "all quiet"
+    assert d.outcome is MonitorOutcome.NO_DRIFT
+
+
+def test_a_decision_crosses_the_xcom_boundary_as_a_dict_and_back() -> None:
+    d = loop.decide(DRIFT, comparison=comparison(0.40, 0.70, p=1e-6))
+    as_dict = d.to_dict()
+    assert as_dict["outcome"] == "rollback" and type(as_dict["outcome"]) is str
+    assert LoopDecision.from_dict(as_dict) == d
 
 
 def test_drift_retrains_and_names_signals_and_report() -> None:
@@ -48,32 +59,32 @@ def test_worse_champion_on_live_feedback_is_rolled_back_first() -> None:
 
 
 def test_only_one_retraining_at_a_time(tmp_home) -> None:
-    first = loop.acquire_retraining("drift in embeddings")
-    assert first and loop.retraining_running()
-    assert loop.acquire_retraining("drift again") is None
-    assert not loop.release_retraining("not-the-token")
-    assert loop.release_retraining(first) and not loop.retraining_running()
-    second = loop.acquire_retraining("next drift")
+    first = lock.acquire_retraining("drift in embeddings")
+    assert first and lock.retraining_running()
+    assert lock.acquire_retraining("drift again") is None
+    assert not lock.release_retraining("not-the-token")
+    assert lock.release_retraining(first) and not lock.retraining_running()
+    second = lock.acquire_retraining("next drift")
     assert second and second != first
 
 
 def test_a_retry_of_the_same_run_carries_on_with_its_own_lock(tmp_home) -> None:
-    mine = loop.run_token("monitor_drift", "scheduled__2026-12-01T10:00:00+00:00")
-    assert mine == loop.run_token("monitor_drift", "scheduled__2026-12-01T10:00:00+00:00")
-    assert loop.acquire_retraining("drift", token=mine) == mine
-    assert loop.acquire_retraining("drift, try 2", token=mine) == mine  # the retry proceeds
-    other = loop.run_token("monitor_drift", "scheduled__2026-12-01T11:00:00+00:00")
-    assert loop.acquire_retraining("drift, next run", token=other) is None  # another run waits
-    assert loop.decide(DRIFT, retraining_running=loop.retraining_running()).outcome == (
+    mine = lock.run_token("monitor_drift", "scheduled__2026-12-01T10:00:00+00:00")
+    assert mine == lock.run_token("monitor_drift", "scheduled__2026-12-01T10:00:00+00:00")
+    assert lock.acquire_retraining("drift", token=mine) == mine
+    assert lock.acquire_retraining("drift, try 2", token=mine) == mine  # the retry proceeds
+    other = lock.run_token("monitor_drift", "scheduled__2026-12-01T11:00:00+00:00")
+    assert lock.acquire_retraining("drift, next run", token=other) is None  # another run waits
+    assert loop.decide(DRIFT, retraining_running=lock.retraining_running()).outcome == (
         "retraining_in_progress")
 
 
 def test_the_lock_is_freed_unless_train_model_took_it_over(tmp_home) -> None:
-    token = loop.acquire_retraining("drift", token="run-a")
-    assert not loop.release_unless_handed_over(token, "manual__train_model_run")
-    assert loop.retraining_running()  # train_model's own teardown frees it when it ends
-    assert loop.release_unless_handed_over(token, None)  # recording or triggering failed
-    assert not loop.retraining_running()
+    token = lock.acquire_retraining("drift", token="run-a")
+    assert not lock.release_unless_handed_over(token, "manual__train_model_run")
+    assert lock.retraining_running()  # train_model's own teardown frees it when it ends
+    assert lock.release_unless_handed_over(token, None)  # recording or triggering failed
+    assert not lock.retraining_running()
 
 
 def test_stale_lock_is_taken_over(tmp_home) -> None:
@@ -82,7 +93,7 @@ def test_stale_lock_is_taken_over(tmp_home) -> None:
         conn.execute(sa.insert(retraining_lock).values(
             name="retraining", token="dead", acquired_at=datetime.now(tz=UTC) - timedelta(days=1),
             reason="a run that died"))
-    assert loop.acquire_retraining("fresh", ttl=timedelta(hours=6)) not in (None, "dead")
+    assert lock.acquire_retraining("fresh", ttl=timedelta(hours=6)) not in (None, "dead")
 
 
 def _log(rows: list[tuple[str, str, str | None]], at: datetime) -> None:
@@ -99,7 +110,7 @@ def _log(rows: list[tuple[str, str, str | None]], at: datetime) -> None:
     with engine.begin() as conn:
         conn.execute(sa.insert(predictions), preds)
         if fbs:
-            conn.execute(sa.insert(feedback), fbs)
+            conn.execute(sa.insert(feedback_table), fbs)
 
 
 def test_labelled_window_becomes_a_validated_batch(tmp_home, tmp_path) -> None:
@@ -109,22 +120,23 @@ def test_labelled_window_becomes_a_validated_batch(tmp_home, tmp_path) -> None:
     rows += [("no label came back", "neutral", None)] * 1
     rows += [("   ", "neutral", "neutral"), ("tweet 1 about the game", "neutral", "neutral")]
     _log(rows, start)
-    out = loop.record_labelled_window(start.isoformat(), start + timedelta(hours=1), dvc=False,
+    out = feedback.record_labelled_window(start.isoformat(), start + timedelta(hours=1), dvc=False,
                                       folder=tmp_path)
-    assert out["path"] and out["rows"] == 90 and out["dropped"] == 2
-    written = open(out["path"]).read().splitlines()
+    assert out.path and out.rows == 90 and out.dropped == 2
+    written = open(out.path).read().splitlines()
     assert written[0] == "label\ttext" and len(written) == 91
     assert "neutral\ttweet 0 about the game" in written  # the feedback label, not the prediction
-    assert loop.feedback_batches(tmp_path) == [out["path"]]
+    assert feedback.feedback_batches(tmp_path) == [out.path]
 
 
 def test_window_that_fails_the_gate_adds_nothing(tmp_home, tmp_path) -> None:
     start = datetime(2026, 5, 2, tzinfo=UTC)
     _log([(f"only positives {i}", "positive", "positive") for i in range(40)], start)
-    out = loop.record_labelled_window(start, start + timedelta(hours=1), dvc=False,
+    out = feedback.record_labelled_window(start, start + timedelta(hours=1), dvc=False,
                                       folder=tmp_path)
-    assert out["path"] is None and any("class" in r for r in out["rejected"])
-    assert loop.feedback_batches(tmp_path) == []
+    assert out.path is None and any("class" in r for r in out.rejected)
+    assert set(out.to_dict()) == {"path", "rows", "dropped", "rejected"}
+    assert feedback.feedback_batches(tmp_path) == []
 
 
 def test_a_batch_outside_the_dvc_repo_is_recorded_with_its_md5(tmp_home, tmp_path,
@@ -137,9 +149,9 @@ def test_a_batch_outside_the_dvc_repo_is_recorded_with_its_md5(tmp_home, tmp_pat
     start = datetime(2026, 5, 3, tzinfo=UTC)
     labels = ("negative", "neutral", "positive")
     _log([(f"tweet {i} on the volume", labels[i % 3], labels[i % 3]) for i in range(90)], start)
-    out = loop.record_labelled_window(start, start + timedelta(hours=1))
-    path = out["path"]
+    out = feedback.record_labelled_window(start, start + timedelta(hours=1))
+    path = out.path
     assert path.startswith(str(tmp_path / "volume" / "feedback"))
-    assert out["md5"] == hashlib.md5(open(path, "rb").read()).hexdigest()
+    assert out.md5 == hashlib.md5(open(path, "rb").read()).hexdigest()
     assert not os.path.exists(f"{path}.dvc")
-    assert loop.feedback_batches() == [path]
+    assert feedback.feedback_batches() == [path]

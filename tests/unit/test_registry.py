@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from ml import registry
+from ml.lifecycle import promotion
+from ml.lifecycle.promotion import decide_promotion
 from ml.params import PromotionParams, load_params
 from ml.training import pipeline
-from ml.training.evaluate import decide_promotion
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,7 +21,7 @@ def _register(model_dir: Path, macro_recall: float, reason: str = "test") -> str
                "val_accuracy": macro_recall + 0.01}
     info = registry.register_model_dir(model_dir, reason=reason, metrics=metrics)
     registry.client().set_tag(info.run_id, pipeline.EVAL_DATA_TAG,
-                              pipeline._val_md5(load_params(REPO / "params.yaml")))
+                              pipeline.val_md5(load_params(REPO / "params.yaml")))
     return info.version
 
 
@@ -38,13 +39,13 @@ def test_promotion_rule() -> None:
 
 def test_worse_model_keeps_champion_and_rollback_restores(tmp_home, tiny_model_dir) -> None:
     v1 = _register(tiny_model_dir, 0.60)
-    assert pipeline.promote(v1, actor="test").outcome == "promoted"
+    assert promotion.promote(v1, actor="test").outcome == "promoted"
     v2 = _register(tiny_model_dir, 0.70)
-    assert pipeline.promote(v2, actor="test").outcome == "promoted"
+    assert promotion.promote(v2, actor="test").outcome == "promoted"
     assert registry.get_alias("champion").version == v2
 
     v3 = _register(tiny_model_dir, 0.50, reason="worse")
-    decision = pipeline.promote(v3, actor="dag:train_model/run-3")
+    decision = promotion.promote(v3, actor="dag:train_model/run-3")
     assert decision.outcome == "kept_champion"
     assert registry.get_alias("champion").version == v2, "a worse model took the champion"
 
@@ -64,10 +65,27 @@ def test_worse_model_keeps_champion_and_rollback_restores(tmp_home, tiny_model_d
     assert log[0].reason == "v2 misbehaves in production" and log[0].at
 
 
+def test_the_dag_gate_starts_a_canary_or_keeps_the_champion(tmp_home, tiny_model_dir) -> None:
+    from ml.lifecycle.canary import canary_in_progress
+
+    v1 = _register(tiny_model_dir, 0.60)
+    assert promotion.promote_or_canary(v1, actor="dag:a") == "promoted"  # no champion yet
+    v2 = _register(tiny_model_dir, 0.70)
+    assert promotion.promote_or_canary(v2, actor="dag:b") == "canary_started"
+    assert registry.get_alias("champion").version == v1, "a canary is not a promotion"
+    assert canary_in_progress().version == v2
+    assert registry.audit_log(limit=1)[0].reason.startswith("offline gate: v2 macro_recall")
+    v3 = _register(tiny_model_dir, 0.50)
+    assert promotion.promote_or_canary(v3, actor="dag:c") == "kept_champion"
+    keep = registry.audit_log(limit=1)[0]
+    assert keep.action == "keep" and keep.evidence["challenger_version"] == v3
+    assert registry.get_alias("challenger").version == v2, "a loser never reaches traffic"
+
+
 def test_rollback_steps_back_past_rolled_back_versions(tmp_home, tiny_model_dir) -> None:
     v1, v2, v3 = (_register(tiny_model_dir, r) for r in (0.5, 0.6, 0.7))
     for v in (v1, v2, v3):
-        pipeline.promote(v, actor="test")
+        promotion.promote(v, actor="test")
     assert registry.rollback(actor="t", reason="r").to_version == v2
     assert registry.rollback(actor="t", reason="r").to_version == v1
     with pytest.raises(registry.RegistryError, match="no earlier champion"):
@@ -81,9 +99,9 @@ def test_rollback_without_champion_is_a_clear_error(tmp_home) -> None:
 
 def test_forced_promotion_is_audited_with_the_rule_verdict(tmp_home, tiny_model_dir) -> None:
     v1 = _register(tiny_model_dir, 0.7)
-    pipeline.promote(v1, actor="t")
+    promotion.promote(v1, actor="t")
     v2 = _register(tiny_model_dir, 0.6)
-    decision = pipeline.promote(v2, actor="cli:ops", force=True, reason="hotfix")
+    decision = promotion.promote(v2, actor="cli:ops", force=True, reason="hotfix")
     assert decision.promote and "forced by cli:ops: hotfix" in decision.reason
     assert "does not beat" in registry.audit_log(limit=1)[0].reason
 
@@ -92,7 +110,8 @@ def test_champion_is_rescored_when_validation_data_changed(tmp_home, tiny_model_
     info = registry.register_model_dir(tiny_model_dir, reason="old", metrics={
         "val_macro_recall": 0.99})  # scored on some other data: no eval-data tag
     registry.set_alias("champion", info.version, actor="t", reason="seed")
-    version, metrics = pipeline.champion_metrics_on_current_data(load_params(REPO / "params.yaml"))
+    version, metrics = promotion.champion_metrics_on_current_data(
+        load_params(REPO / "params.yaml"))
     assert version == info.version
     assert metrics["macro_recall"] < 0.6, "the stale 0.99 was reused instead of re-scoring"
 

@@ -16,7 +16,7 @@ from bentos.sentiment.guard import (
 )
 from ml.serving.cache import MemoryCache, RedisCache, cache_key, make_cache
 from ml.serving.ratelimit import MemoryRateLimiter, RedisRateLimiter
-from tests.harness.servers import free_port
+from scripts.procs import free_port
 
 LIMITS = Limits(max_texts=3, max_chars=10, max_body_bytes=1000)
 

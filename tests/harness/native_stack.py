@@ -1,51 +1,28 @@
 """The production topology of ``docker-compose.airflow.yml``, run natively on loopback.
 
-Docker cannot run on every machine (CI here has only the client), so the integration tests start
-the same processes with the same settings: PostgreSQL and Redis (``scripts/services.sh``), the
-Airflow API server, scheduler, DAG processor, triggerer and a Celery worker (CeleryExecutor,
-Redis broker, PostgreSQL result backend, one JWT secret), an MLflow tracking server (PostgreSQL
-backend, served artifacts) and the BentoML service. Each process logs to its own file.
+PostgreSQL and Redis (``scripts/services.sh``), Airflow's components under the CeleryExecutor, an
+MLflow tracking server and the BentoML service, each logging to its own file: what the
+integration tests and the load lab start where Docker cannot run. See docs/running-at-scale.md.
 
-    python scripts/native_stack.py up      # start everything, print the URLs, wait for Ctrl-C
+    python -m tests.harness.native_stack up   # start everything, print the URLs, wait for Ctrl-C
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from scripts.procs import free_port, spawn, start_service, terminate_group, wait_for, wait_http_ok
+from scripts.stack_env import stack_env
 
-from scripts.airflow_api import terminate_group  # noqa: E402
-from scripts.stack_env import stack_env  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except (httpx.HTTPError, OSError):
-            pass
-        time.sleep(1.5)
-    raise TimeoutError(f"{what} not ready after {timeout:.0f}s")
+REPO = Path(__file__).resolve().parents[2]
 
 
 class ServersMissing(RuntimeError):
@@ -168,16 +145,8 @@ class NativeStack:
         return env
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        self.logs.mkdir(parents=True, exist_ok=True)
         exe = str(Path(sys.executable).with_name(args[0]))
-        proc = subprocess.Popen(
-            [exe, *args[1:]],
-            cwd=REPO,
-            env=self.env,
-            stdout=(self.logs / f"{name}.log").open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        proc = spawn([exe, *args[1:]], env=self.env, log_path=self.logs / f"{name}.log")
         self.procs[name] = proc
         return proc
 
@@ -202,37 +171,25 @@ class NativeStack:
                 "1",
             ],
         )
-        wait_for(
-            lambda: httpx.get(f"{self.mlflow_url}/health", timeout=5).status_code == 200,
-            "MLflow server",
-        )
+        wait_http_ok(f"{self.mlflow_url}/health", "MLflow server", timeout=180, every=1.5)
 
     def stop_process(self, name: str) -> None:
         terminate_group(self.procs.pop(name, None))
 
     def start_service(self) -> None:
-        proc = self._spawn(
-            "service",
-            [
-                "bentoml",
-                "serve",
-                "bentos.sentiment.service:SentimentService",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.service_port),
-            ],
-        )
+        log_path = self.logs / "service.log"
+        proc = start_service(self.service_port, env=self.env, log_path=log_path)
+        self.procs["service"] = proc
         # /livez: the process is up. /readyz stays 503 until a champion is loaded, which is
         # right for a load balancer but not a start-up condition (there may be no model yet).
-
-        def live() -> bool:
-            if proc.poll() is not None:
-                tail = (self.logs / "service.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"bentoml serve exited {proc.returncode}:\n{tail}")
-            return httpx.get(f"{self.service_url}/livez", timeout=5).status_code == 200
-
-        wait_for(live, "BentoML service", timeout=300)
+        wait_http_ok(
+            f"{self.service_url}/livez",
+            "bentoml serve",
+            timeout=300,
+            every=1.5,
+            proc=proc,
+            log_path=log_path,
+        )
 
     def start(self, service: bool = True) -> NativeStack:
         self.env = self.build_env()
@@ -274,7 +231,7 @@ class NativeStack:
                 "--without-mingle",
             ],
         )
-        wait_for(self._airflow_healthy, "Airflow API server and scheduler")
+        wait_for(self._airflow_healthy, "Airflow API server and scheduler", timeout=180)
         if service:
             self.start_service()
         return self

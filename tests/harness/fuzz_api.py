@@ -4,7 +4,7 @@ The service promises that no client input can make it answer 5xx or fall over: t
 (:mod:`bentos.sentiment.guard`) answers every client mistake with a 4xx that names the problem.
 This script tests that promise from outside, against a running ``bentoml serve``::
 
-    python scripts/fuzz_api.py --url http://127.0.0.1:3000 --key K \
+    python -m tests.harness.fuzz_api --url http://127.0.0.1:3000 --key K \
         --out benchmarks/results/fuzz_api.md
 
 It loads the document BentoML serves at ``/docs.json``, lets schemathesis generate requests for
@@ -20,21 +20,18 @@ whether the process is still alive. Each response goes through these schemathesi
   ``response_headers_conformance``: the answer is one the document describes.
 * ``negative_data_rejection``: a schema-violating body is refused with a 4xx.
 
-Two things are added to the served document first (:func:`guard_contract`), because BentoML builds
-it from the type hints of the API methods and cannot know about the ASGI middleware in front:
-
-* the guard's own answers (401, 403, 413, 422, 429 with ``{"error": "..."}``) on the guarded
-  operations. Without them ``status_code_conformance`` flags every 422 the guard rightly sends,
-  and the content-type and schema checks skip those responses altogether;
-* the guard's input rules that are not deployment settings: no unknown fields, at least one
-  text, no blank text, a request id of ``[A-Za-z0-9_-]{1,64}``. The served document allows any
-  extra field, so nearly every "valid" body schemathesis made was refused with 422 and the model
-  and feedback paths behind the guard were hardly reached. The size limits (``DRIFTLOOP_MAX_*``)
-  stay out: they are per deployment, and a wrong guess would make false alarms.
+The input rules come from the served document itself: the request types of
+:mod:`ml.serving.schemas` carry them (no unknown fields, one to ``DRIFTLOOP_MAX_TEXTS`` texts of
+at most ``DRIFTLOOP_MAX_CHARS`` characters, no blank text, a request id of
+``[A-Za-z0-9_-]{1,64}``), with this deployment's limits. Only the guard's own answers (401, 403,
+413, 422, 429 with ``{"error": "..."}``) are added to it (:func:`guard_contract`): BentoML builds
+the document from the API methods and cannot know about the ASGI middleware in front. Without
+them ``status_code_conformance`` flags every 422 the guard rightly sends, and the content-type
+and schema checks skip those responses altogether.
 
 ``positive_data_acceptance`` (a schema-valid body must get a 2xx) is left out: the guard is
-stricter than any JSON Schema can say (a NUL character, the per-deployment limits, an unknown but
-well-formed request id answers 404) and the check would flag those correct refusals.
+stricter than a JSON Schema says (a NUL character, an unknown but well-formed request id answers
+404) and the check would flag those correct refusals.
 
 It only ever talks to a service on this machine (127.0.0.1, ::1 or localhost): it sends hundreds
 of hostile requests, and the admin endpoint among them.
@@ -61,7 +58,6 @@ GUARDED_PATHS = ("/predict", "/feedback")
 # A hang counts as a failure: the tiny and the real model answer in well under a second here.
 REQUEST_TIMEOUT_S = 20.0
 BODY_EXCERPT = 160
-REQUEST_ID_PATTERN = "^[A-Za-z0-9_-]{1,64}$"  # bentos.sentiment.guard.REQUEST_ID
 
 # The guard's answers, which the generated document does not list (see the module docstring).
 GUARD_STATUSES = {
@@ -148,7 +144,7 @@ class FuzzResult:
         lines = [
             "# API fuzzing (schemathesis)",
             "",
-            f"**Result: {verdict}.** `python scripts/fuzz_api.py --url {self.base_url} "
+            f"**Result: {verdict}.** `python -m tests.harness.fuzz_api --url {self.base_url} "
             f"--max-examples {self.max_examples} --seed {self.seed}`",
             "",
             "| | |",
@@ -197,7 +193,10 @@ def require_local(base_url: str) -> str:
 
 
 def guard_contract(document: dict[str, Any]) -> dict[str, Any]:
-    """The served OpenAPI document plus what the guard promises (see the module docstring)."""
+    """The served OpenAPI document plus the guard's answers on the guarded operations.
+
+    The request bodies are left as served: their limits are the ones the service enforces.
+    """
     doc = copy.deepcopy(document)
     for path, operations in doc.get("paths", {}).items():
         if not is_guarded(path):
@@ -212,21 +211,6 @@ def guard_contract(document: dict[str, Any]) -> dict[str, Any]:
                         "content": {"application/json": {"schema": ERROR_BODY}},
                     },
                 )
-            body = (
-                operation.get("requestBody", {})
-                .get("content", {})
-                .get("application/json", {})
-                .get("schema")
-            )
-            if not isinstance(body, dict) or "$ref" in body:
-                continue
-            props = body.get("properties", {})
-            body["additionalProperties"] = False
-            if path == "/predict" and "texts" in props:
-                props["texts"]["minItems"] = 1
-                props["texts"].setdefault("items", {})["pattern"] = r"\S"  # not blank
-            if path == "/feedback" and "request_id" in props:
-                props["request_id"]["pattern"] = REQUEST_ID_PATTERN
     return doc
 
 
@@ -413,13 +397,10 @@ def _fuzz_operation(
             return
         run.record(response.status_code)
         request = response.request
-        if (
-            identity.guarded_status is not None
-            and is_guarded(operation.path)
-            and response.status_code != identity.guarded_status
-        ):
+
+        def failed(check: str, detail: str) -> None:
             run.fail(
-                check="auth",
+                check=check,
                 operation=label,
                 auth=auth,
                 status=response.status_code,
@@ -427,22 +408,22 @@ def _fuzz_operation(
                 method="",
                 path="",
                 body=None,
-                detail=f"expected {identity.guarded_status} with {identity.name}",
+                detail=detail,
             )
+
+        if (
+            identity.guarded_status is not None
+            and is_guarded(operation.path)
+            and response.status_code != identity.guarded_status
+        ):
+            failed("auth", f"expected {identity.guarded_status} with {identity.name}")
         try:
             case.validate_response(response, checks=checks, headers=identity.headers)
         except FailureGroup as group:
             for failure in group.exceptions:
-                run.fail(
-                    check=f"{failure.code} {failure.title}",
-                    operation=label,
-                    auth=auth,
-                    status=response.status_code,
-                    request=request,
-                    method="",
-                    path="",
-                    body=None,
-                    detail=f"{failure.message} | response: {_excerpt(response.content)}",
+                failed(
+                    f"{failure.code} {failure.title}",
+                    f"{failure.message} | response: {_excerpt(response.content)}",
                 )
 
     test = given(operation.as_strategy(generation_mode=mode))(send)

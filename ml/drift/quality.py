@@ -1,0 +1,164 @@
+"""The quality half of a report: macro-recall on the window's feedback labels.
+
+Compared with the champion's own macro-recall, with a bootstrap bound so that a few labels do
+not raise an alarm; see ``docs/drift.md``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from ml.drift.features import SCORE_COLUMNS
+from ml.drift.result import DriftSignal
+from ml.params import LABELS, DriftParams
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    from evidently.core.report import Snapshot
+
+
+def macro_recall(y_true: Any, y_pred: Any) -> float:
+    """Recall averaged over the classes present in ``y_true`` (absent classes are undefined)."""
+
+    t, p = _codes(y_true), _codes(y_pred)
+    return _macro_recall_codes(t, p) if len(t) else float("nan")
+
+
+def _codes(labels: Any) -> np.ndarray:
+    import numpy as np
+
+    index = {label: i for i, label in enumerate(LABELS)}
+    return np.fromiter((index.get(str(v), -1) for v in labels), dtype=np.int64)
+
+
+def _macro_recall_codes(t: np.ndarray, p: np.ndarray) -> float:
+    import numpy as np
+
+    k = len(LABELS)
+    support = np.bincount(t, minlength=k)
+    hits = np.bincount(t[t == p], minlength=k)
+    present = support > 0
+    return float((hits[present] / support[present]).mean())
+
+
+def quality_signal(
+    labelled: pd.DataFrame,
+    reference_macro_recall: float | None,
+    params: DriftParams,
+    *,
+    reference_source: str = "",
+) -> tuple[DriftSignal, dict[str, Any] | None]:
+    """Macro-recall on the window's feedback against the champion's reference macro-recall.
+
+    The signal fires when the drop exceeds ``quality_drop`` *and* is significant: the
+    one-sided bootstrap upper bound (``quality_confidence``) of the window's macro-recall is
+    still below the reference. With fewer than ``min_feedback`` labelled rows it does not fire
+    and says so.
+    """
+    import numpy as np
+
+    n = len(labelled)
+    if n < params.min_feedback or reference_macro_recall is None:
+        why = (
+            f"{n} labelled rows in the window (< min_feedback={params.min_feedback})"
+            if n < params.min_feedback
+            else "no reference macro-recall to compare with"
+        )
+        detail = {"feedback_rows": n, "skipped": why}
+        return DriftSignal("quality", None, params.quality_drop, False, detail, "quality"), None
+    y_true = labelled["true_label"].astype(str).to_numpy()
+    y_pred = labelled["label"].astype(str).to_numpy()
+    t, p = _codes(y_true), _codes(y_pred)
+    current = _macro_recall_codes(t, p)
+    rng = np.random.default_rng(params.seed)
+    boots = []
+    for _ in range(500):
+        idx = rng.integers(0, n, n)
+        boots.append(_macro_recall_codes(t[idx], p[idx]))
+    upper = float(np.nanquantile(boots, params.quality_confidence))
+    lower = float(np.nanquantile(boots, 1 - params.quality_confidence))
+    drop = float(reference_macro_recall) - current
+    drifted = drop > params.quality_drop and upper < float(reference_macro_recall)
+    quality = {
+        "feedback_rows": n,
+        "macro_recall": current,
+        "macro_recall_ci": [lower, upper],
+        "confidence": params.quality_confidence,
+        "accuracy": float((y_true == y_pred).mean()),
+        "recall_by_label": {
+            c: float((y_pred[y_true == c] == c).mean()) for c in LABELS if (y_true == c).any()
+        },
+        "reference_macro_recall": float(reference_macro_recall),
+        "reference_source": reference_source,
+        "drop": drop,
+    }
+    return DriftSignal("quality", drop, params.quality_drop, drifted, quality, "quality"), quality
+
+
+def quality_report(
+    labelled: pd.DataFrame,
+    reference: pd.DataFrame,
+    *,
+    timestamp: datetime | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Snapshot:
+    """Evidently's classification view of the window's feedback rows next to the reference.
+
+    The reference rows carry their true labels and the champion's predictions, so both sides
+    are the same classifier on labelled data: the window's feedback and training-period rows.
+    """
+    import pandas as pd
+    from evidently import DataDefinition, Dataset, MulticlassClassification, Report
+    from evidently.metrics import Accuracy, F1Score, Recall
+
+    # Probabilities in columns named after the labels: Evidently then treats the task as
+    # three-class even when a window's feedback holds only two of the classes.
+    definition = DataDefinition(
+        categorical_columns=["true_label"],
+        classification=[
+            MulticlassClassification(target="true_label", prediction_probas=list(LABELS))
+        ],
+    )
+
+    def dataset(df: pd.DataFrame) -> Dataset:
+        rows = df[df["true_label"].isin(LABELS)]
+        frame = pd.DataFrame({"true_label": rows["true_label"].astype(str).to_numpy()})
+        probs = rows[list(SCORE_COLUMNS)].to_numpy(dtype=float)
+        probs = probs / probs.sum(axis=1, keepdims=True).clip(min=1e-12)  # float32 sums drift
+        for j, label in enumerate(LABELS):
+            frame[label] = probs[:, j]
+        return Dataset.from_pandas(frame, data_definition=definition)
+
+    has_truth = "true_label" in reference.columns and reference["true_label"].isin(LABELS).any()
+    report = Report(
+        [Recall(), Accuracy(), F1Score()],
+        metadata=dict(metadata or {}),
+        tags=["driftloop", "quality"],
+    )
+    with warnings.catch_warnings():
+        # A window's feedback may lack a class: sklearn warns that its recall/AUC is undefined.
+        warnings.simplefilter("ignore", UserWarning)
+        return report.run(
+            dataset(labelled), dataset(reference) if has_truth else None, timestamp=timestamp
+        )
+
+
+def reference_recall(
+    version: str | None, reference: pd.DataFrame, given: float | None
+) -> tuple[float | None, str]:
+    """The macro-recall the window is held to: given, else the version's, else the reference's."""
+    if given is not None:
+        return float(given), "given"
+    if version is not None:
+        from ml import registry
+
+        metric = registry.get_version(str(version)).metrics.get("val_macro_recall")
+        if metric is not None:
+            return float(metric), f"v{version} val_macro_recall"
+    if "true_label" in reference.columns and reference["true_label"].isin(LABELS).any():
+        rows = reference[reference["true_label"].isin(LABELS)]
+        return macro_recall(rows["true_label"], rows["label"]), "reference sample"
+    return None, ""
