@@ -1,0 +1,133 @@
+"""Anytime-valid tests of "the challenger is worse" and "it is not worse by more than a margin".
+
+Each label gives one difference in correctness between challenger and champion: paired (both
+scored the same text, the shadow design of issue 11) or importance-weighted from whichever model
+served it (unpaired). A betting martingale per hypothesis keeps its error rate however often it is
+looked at (Ville's inequality); the design and the simulation live in docs/lifecycle.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ml.lifecycle.outcomes import CanaryAction
+
+MAX_BET = 0.5  # share of the largest safe bet: wealth never falls by more than half in one step
+
+
+@dataclass(frozen=True)
+class SequentialVerdict:
+    """What the two sequential tests say after ``labels`` observations."""
+
+    action: CanaryAction  # promote, rollback or wait
+    labels: int
+    mean: float  # mean observed difference (challenger minus champion accuracy)
+    log_wealth_worse: float  # evidence that the challenger is worse (rollback at log(1/alpha))
+    log_wealth_not_worse: float  # evidence that it is not worse by more than the margin
+    bound: float  # log(1/alpha), the level both must reach
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return {
+            "action": str(self.action),
+            "labels": self.labels,
+            "mean": self.mean,
+            "log_wealth_worse": self.log_wealth_worse,
+            "log_wealth_not_worse": self.log_wealth_not_worse,
+            "bound": self.bound,
+        }
+
+
+def log_wealth(x: np.ndarray, null_mean: float, low: float, prior_mean: float) -> np.ndarray:
+    """Running log-wealth of betting against ``H0: E[x] <= null_mean`` for ``x >= low``.
+
+    ``x`` may hold several independent streams (one per row); the bets run along the last axis.
+
+    Each bet is aGRAPA's growth-rate step, ``(m - null) / (v + (m - null)**2)``, from the running
+    mean ``m`` and variance ``v`` of the observations before it (one pseudo-observation at
+    ``prior_mean`` starts them), clipped to ``[0, MAX_BET / (null_mean - low)]`` so that wealth
+    stays positive. Under H0 the wealth is a non-negative supermartingale: the chance that it
+    ever reaches ``1/alpha`` is at most ``alpha``.
+    """
+    x = np.asarray(x, dtype=float)
+    n = x.shape[-1]
+    if n == 0:
+        return np.zeros(x.shape)
+    count = np.arange(1, n + 1, dtype=float)  # observations before step i, plus the prior one
+    lead = np.full(x.shape[:-1] + (1,), prior_mean)
+    sums = np.concatenate([lead, prior_mean + np.cumsum(x, axis=-1)[..., :-1]], axis=-1)
+    squares = np.concatenate([lead**2, prior_mean**2 + np.cumsum(x**2, axis=-1)[..., :-1]], axis=-1)
+    means = sums / count
+    variances = np.maximum(squares / count - means**2, 1e-4)
+    edge = means - null_mean
+    bets = np.clip(edge / (variances + edge**2), 0.0, MAX_BET / (null_mean - low))
+    return np.cumsum(np.log1p(bets * (x - null_mean)), axis=-1)
+
+
+def decide(
+    diffs: Sequence[float] | np.ndarray,
+    *,
+    margin: float,
+    alpha: float,
+    low: float = -1.0,
+    high: float = 1.0,
+    max_labels: int | None = None,
+) -> SequentialVerdict:
+    """Rollback once the challenger is shown worse, promote once it is shown not worse by more
+    than ``margin``, keep the champion (rollback) at ``max_labels`` undecided, else wait.
+
+    ``diffs`` are per-label challenger-minus-champion correctness in ``[low, high]``: in
+    ``{-1, 0, 1}`` when paired, importance-weighted when not (:func:`unpaired_diffs`). Each test
+    compares its running maximum with ``log(1/alpha)``, which Ville's inequality allows.
+    """
+    x = np.asarray(diffs, dtype=float)
+    bound = math.log(1.0 / alpha)
+    worse, not_worse = wealth_paths(x, margin=margin, low=low, high=high)
+    best_worse = float(worse.max()) if len(x) else 0.0
+    best_not_worse = float(not_worse.max()) if len(x) else 0.0
+    if best_worse >= bound:
+        action = CanaryAction.ROLLBACK
+    elif best_not_worse >= bound:
+        action = CanaryAction.PROMOTE
+    elif max_labels is not None and len(x) >= max_labels:
+        action = CanaryAction.ROLLBACK
+    else:
+        action = CanaryAction.WAIT
+    return SequentialVerdict(
+        action=action,
+        labels=len(x),
+        mean=float(x.mean()) if len(x) else 0.0,
+        log_wealth_worse=best_worse,
+        log_wealth_not_worse=best_not_worse,
+        bound=bound,
+    )
+
+
+def wealth_paths(
+    diffs: np.ndarray, *, margin: float, low: float = -1.0, high: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The two tests' running log-wealth: "worse" and "not worse by more than ``margin``".
+
+    "Worse" bets against H0 ``E[d] >= 0`` (with ``-d``, starting from a prior at ``-margin``);
+    "not worse" bets against H0 ``E[d] <= -margin`` (starting from a prior at 0).
+    """
+    worse = log_wealth(-diffs, 0.0, -high, prior_mean=margin)
+    not_worse = log_wealth(diffs, -margin, low, prior_mean=0.0)
+    return worse, not_worse
+
+
+def unpaired_diffs(
+    served_by_challenger: np.ndarray, correct: np.ndarray, share: float
+) -> np.ndarray:
+    """Importance-weighted differences from labels that judge only the model that answered.
+
+    With the challenger serving a random ``share`` of requests, ``correct/share`` for its labels
+    and ``-correct/(1-share)`` for the champion's has mean ``acc(challenger) - acc(champion)``;
+    the values lie in ``[-1/(1-share), 1/share]``.
+    """
+    served = np.asarray(served_by_challenger, dtype=bool)
+    right = np.asarray(correct, dtype=float)
+    return np.where(served, right / share, -right / (1.0 - share))
