@@ -50,9 +50,66 @@ def labelled_window(since: datetime, until: datetime) -> Any:
     return pd.DataFrame(rows, columns=["label", "text"])
 
 
-def feedback_batches(folder: Path | None = None) -> list[str]:
-    """Every labelled production batch recorded so far (each passed the gate when recorded)."""
-    return sorted(str(p) for p in (folder or get_settings().feedback_dir).glob("window-*.tsv"))
+QUARANTINE = "quarantine"  # sub-folder of the feedback folder for batches no retraining may use
+
+
+def feedback_batches(folder: Path | None = None, params: Params | None = None) -> list[str]:
+    """Every labelled production batch recorded so far that still reads back clean.
+
+    A batch that no longer does (unreadable, or a row that fails the per-row rules: an unknown
+    label, an empty or over-long text) is moved to ``quarantine/`` with its reason beside it, so
+    one bad file never makes every later retraining fail validation.
+    """
+    folder = folder or get_settings().feedback_dir
+    rules = (params or load_params()).validation
+    usable = []
+    for path in sorted(folder.glob("window-*.tsv")):
+        problem = _unusable(path, rules)
+        if problem:
+            quarantine(path, problem)
+        else:
+            usable.append(str(path))
+    return usable
+
+
+def quarantine(path: Path, reason: str) -> Path:
+    """Move a batch (and its DVC pointer) to ``quarantine/``, with ``<name>.reason.txt``."""
+    target = path.parent / QUARANTINE
+    target.mkdir(parents=True, exist_ok=True)
+    for moving in (path, Path(f"{path}.dvc")):
+        if moving.exists():
+            moving.replace(target / moving.name)
+    (target / f"{path.name}.reason.txt").write_text(reason + "\n", encoding="utf-8")
+    log.warning("labelled batch %s quarantined: %s", path.name, reason)
+    return target / path.name
+
+
+def _row_problems(table: Any, rules: Any) -> list[str]:
+    """What keeps rows of a labelled batch from passing the gate on their own."""
+    problems = []
+    if not {"label", "text"} <= set(table.columns):
+        return [f"columns {list(table.columns)}, expected label and text"]
+    unknown = int((~table["label"].isin(LABELS)).sum())
+    if unknown:
+        problems.append(f"{unknown} row(s) with a label outside {list(LABELS)}")
+    length = table["text"].astype(str).str.strip().str.len()
+    short = int((length < rules.text_min_length).sum())
+    long = int((length > rules.text_max_length).sum())
+    if short:
+        problems.append(f"{short} row(s) with a text shorter than {rules.text_min_length}")
+    if long:
+        problems.append(f"{long} row(s) with a text longer than {rules.text_max_length}")
+    return problems
+
+
+def _unusable(path: Path, rules: Any) -> str | None:
+    from ml.training.data import DataError, read_table
+
+    try:
+        table = read_table(path)
+    except DataError as exc:
+        return str(exc)
+    return "; ".join(_row_problems(table, rules)) or None
 
 
 def _as_utc(value: datetime | str) -> datetime:
@@ -75,6 +132,7 @@ def record_labelled_window(
     added. Inside the DVC repo the file is tracked with ``dvc add``; elsewhere (a volume of the
     compose stack) its md5 is recorded, so the data version is known either way.
     """
+    from ml.training.data import read_table, write_table
     from ml.training.validation import validate_frame
 
     folder = folder or get_settings().feedback_dir
@@ -99,9 +157,12 @@ def record_labelled_window(
             path=None, rows=len(clean), dropped=dropped, rejected=result.reasons()
         )
     stamp = until.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = folder / f"window-{stamp}.tsv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean.to_csv(path, sep="\t", index=False)
+    path = write_table(clean, folder / f"window-{stamp}.tsv")
+    back = read_table(path)
+    if len(back) != len(clean):
+        reason = f"{len(clean)} rows written, {len(back)} read back"
+        quarantine(path, reason)
+        return RecordedWindow(path=None, rows=len(clean), dropped=dropped, rejected=[reason])
     in_repo = path.resolve().is_relative_to(REPO_ROOT)
     md5 = (_dvc_add(path) if dvc and in_repo else None) or _md5(path)
     log.info("recorded %d labelled production rows (%d dropped) as %s", len(clean), dropped, path)

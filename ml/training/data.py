@@ -56,6 +56,33 @@ def read_table(path: str | Path) -> pd.DataFrame:
     return df
 
 
+def normalise_text(text: str) -> str:
+    """A text as it can be stored in a table and read back unchanged.
+
+    Line breaks become ``\n`` (which the writer quotes; a lone ``\r`` is not quoted, and the reader
+    splits the row there), NUL characters go (the reader stops a field at one) and lone UTF-16
+    surrogates, which UTF-8 cannot hold, become U+FFFD.
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def write_table(table: pd.DataFrame, path: str | Path) -> Path:
+    """Write a TSV that :func:`read_table` reads back with the same rows and texts.
+
+    Every text column is normalised first (:func:`normalise_text`), so that no text a client
+    sent can split its row or make the file unreadable for every later batch.
+    """
+    out = table.copy()
+    for column in out.columns:
+        if out[column].dtype == object:
+            out[column] = out[column].map(lambda v: normalise_text(v) if isinstance(v, str) else v)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out.to_csv(path, sep="\t", index=False, encoding="utf-8")
+    return path
+
+
 def file_md5(path: str | Path) -> str:
     """MD5 of a file's bytes, the hash DVC 3 records for it."""
     digest = hashlib.md5()
@@ -128,9 +155,7 @@ def prepare_training_batch(
     extra = [read_table(p) for p in (extra_paths or [])]
     limit = max_examples if max_examples is not None else train.max_examples
     rows = select_training_rows(tweets, data, limit, data.seed, extra)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    rows.to_csv(out, sep="\t", index=False)
+    out = write_table(rows, out_path)
     inputs = {str(tweets_path): dvc_hash(tweets_path) or file_md5(tweets_path)}
     inputs.update({str(p): dvc_hash(p) or file_md5(p) for p in (extra_paths or [])})
     counts = {label: int((rows["label"] == label).sum()) for label in LABELS}
