@@ -65,7 +65,7 @@ def train_model() -> None:
         if p.get("batch_path"):
             return {"path": p["batch_path"], "inputs": {}}
         batch = pipeline.prepare(extra_paths=p.get("extra_paths"), max_examples=p["max_examples"])
-        return {"path": batch.path, "inputs": batch.inputs, "rows": batch.rows}
+        return {"path": batch.path, "inputs": batch.inputs, "rows": batch.rows, "mix": batch.mix}
 
     @task
     def validate(batch: dict) -> dict:
@@ -92,6 +92,7 @@ def train_model() -> None:
             trigger=actor(),
             epochs=p.get("epochs"),
             batch_inputs=batch.get("inputs"),
+            batch_mix=batch.get("mix"),
         )
         return result["run_id"]
 

@@ -21,6 +21,11 @@ class DataParams(_Section):
     train_sources: list[str] = Field(default_factory=list)
     drift_sources: list[str] = Field(default_factory=list)
     seed: int = 42
+    # A retraining batch keeps the newest labelled windows whole, samples older ones, and gives
+    # all of them at most a share of the batch (ml.training.data.training_rows).
+    recent_windows: int = Field(default=3, ge=0)
+    max_feedback_share: float = Field(default=0.5, ge=0, le=1)
+    max_older_share: float = Field(default=0.1, ge=0, le=1)
 
 
 class TrainParams(_Section):

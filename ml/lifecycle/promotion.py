@@ -201,7 +201,12 @@ def run_all(
     batch = pipeline.prepare(extra_paths=extra_paths, max_examples=max_examples)
     pipeline.validate(batch.path)
     trained = pipeline.train(
-        batch.path, reason=reason, trigger=actor, epochs=epochs, batch_inputs=batch.inputs
+        batch.path,
+        reason=reason,
+        trigger=actor,
+        epochs=epochs,
+        batch_inputs=batch.inputs,
+        batch_mix=batch.mix,
     )
     metrics = pipeline.evaluate(trained["run_id"])
     version = pipeline.register(trained["run_id"], reason=reason, actor=actor)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -112,9 +112,56 @@ class PreparedBatch:
     class_counts: dict[str, int]
     sources: list[str]
     inputs: dict[str, str]  # input file -> md5, for lineage
+    mix: dict[str, int] = field(default_factory=dict)  # rows per part (:func:`training_rows`)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
+
+
+def _sample(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    return frame if len(frame) <= n else frame.sample(n=max(n, 0), random_state=seed)
+
+
+def training_rows(
+    tweets: pd.DataFrame,
+    data: DataParams,
+    max_examples: int,
+    seed: int,
+    extra: list[pd.DataFrame] | None = None,
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The training batch's rows and its mix: how many rows came from each part.
+
+    ``extra`` holds labelled production windows, oldest first. The newest
+    ``data.recent_windows`` are kept whole, older ones are sampled down to
+    ``data.max_older_share`` of the batch, and together they take at most
+    ``data.max_feedback_share`` of it (recent rows first), so the curated sample of the base
+    training sources, stratified by class, always fills the rest: every window ever recorded
+    no longer crowds it out.
+    """
+    base = tweets[tweets["source"].isin(data.train_sources)] if data.train_sources else tweets
+    base = base[["label", "text"]]
+    windows = [e[["label", "text"]] for e in (extra or [])]
+    split = max(len(windows) - data.recent_windows, 0)
+    recent = pd.concat(windows[split:], ignore_index=True) if windows[split:] else base.iloc[0:0]
+    older = pd.concat(windows[:split], ignore_index=True) if windows[:split] else base.iloc[0:0]
+    feedback_cap = int(data.max_feedback_share * max_examples)
+    recent = _sample(recent, feedback_cap, seed)
+    older = _sample(
+        older, min(int(data.max_older_share * max_examples), feedback_cap - len(recent)), seed
+    )
+    budget = max_examples - len(recent) - len(older)
+    if 0 < budget < len(base):
+        base = base.groupby("label").sample(frac=budget / len(base), random_state=seed)
+    elif budget <= 0:
+        base = base.iloc[0:0]
+    # Base first, then the windows oldest first: a text in two parts counts once, in the first.
+    parts = {"base": base, "older": older, "recent": recent}
+    out = pd.concat([f.assign(part=name) for name, f in parts.items()], ignore_index=True)
+    out = out.drop_duplicates(subset=["text"])
+    mix = {name: int((out["part"] == name).sum()) for name in ("base", "recent", "older")}
+    mix |= {"recent_windows": len(windows) - split, "older_windows": split}
+    rows = out.drop(columns="part").sample(frac=1.0, random_state=seed).reset_index(drop=True)
+    return rows, mix
 
 
 def select_training_rows(
@@ -124,22 +171,8 @@ def select_training_rows(
     seed: int,
     extra: list[pd.DataFrame] | None = None,
 ) -> pd.DataFrame:
-    """Rows of the training sources (plus any extra labelled batches), stratified-sampled.
-
-    Extra batches (e.g. labelled production windows) are always kept whole; the remaining budget
-    is filled from the base training sources, keeping their class proportions.
-    """
-    base = tweets[tweets["source"].isin(data.train_sources)] if data.train_sources else tweets
-    base = base[["label", "text"]]
-    extras = pd.concat([e[["label", "text"]] for e in extra], ignore_index=True) if extra else None
-    budget = max_examples - (len(extras) if extras is not None else 0)
-    if 0 < budget < len(base):
-        base = base.groupby("label").sample(frac=budget / len(base), random_state=seed)
-    elif budget <= 0:
-        base = base.iloc[0:0]
-    frames = [base] + ([extras] if extras is not None else [])
-    out = pd.concat(frames, ignore_index=True).drop_duplicates(subset=["text"])
-    return out.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+    """The rows of :func:`training_rows`, without the mix."""
+    return training_rows(tweets, data, max_examples, seed, extra)[0]
 
 
 def prepare_training_batch(
@@ -150,11 +183,14 @@ def prepare_training_batch(
     extra_paths: list[str] | None = None,
     max_examples: int | None = None,
 ) -> PreparedBatch:
-    """Write the training batch (``label``, ``text``) to ``out_path`` and describe it."""
+    """Write the training batch (``label``, ``text``) to ``out_path`` and describe it.
+
+    ``extra_paths`` are labelled batches, oldest first (:func:`training_rows` keeps the newest).
+    """
     tweets = read_table(tweets_path)
     extra = [read_table(p) for p in (extra_paths or [])]
     limit = max_examples if max_examples is not None else train.max_examples
-    rows = select_training_rows(tweets, data, limit, data.seed, extra)
+    rows, mix = training_rows(tweets, data, limit, data.seed, extra)
     out = write_table(rows, out_path)
     inputs = {str(tweets_path): dvc_hash(tweets_path) or file_md5(tweets_path)}
     inputs.update({str(p): dvc_hash(p) or file_md5(p) for p in (extra_paths or [])})
@@ -165,4 +201,5 @@ def prepare_training_batch(
         class_counts=counts,
         sources=list(data.train_sources),
         inputs=inputs,
+        mix=mix,
     )

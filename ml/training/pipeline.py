@@ -68,11 +68,13 @@ def train(
     model: Any = None,
     tokenizer: Any = None,
     extra_tags: dict[str, str] | None = None,
+    batch_mix: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune on a validated batch inside a new MLflow run; log the model; return ids.
 
     The run carries lineage tags (git commit, DVC/md5 hashes of the data, the reason and the
-    trigger) so the MLflow UI says why each model exists.
+    trigger, and ``driftloop.mix.*``: the batch's rows per part) so the MLflow UI says why each
+    model exists and what it learnt from.
     """
     import mlflow
 
@@ -93,7 +95,8 @@ def train(
     val_path = _repo_path(params.data.val)
     val = read_table(val_path)
     curve_sample = val.sample(n=min(500, len(val)), random_state=params.data.seed)
-    tags = {**lineage_tags(reason, hashes, trigger), **(extra_tags or {})}
+    mix = {f"driftloop.mix.{part}": str(n) for part, n in (batch_mix or {}).items()}
+    tags = {**lineage_tags(reason, hashes, trigger), **mix, **(extra_tags or {})}
     with mlflow.start_run(tags=tags) as run:
         out_dir = settings.work_dir / "runs" / run.info.run_id / "model"
         result = train_model(

@@ -86,6 +86,8 @@ def test_train_model_runs_end_to_end_on_postgres(stack, tmp_path) -> None:
     assert lineage["trigger"].startswith("dag:train_model/")
     assert lineage["data.tweets.tsv"] == "1efa13172bd989e7c5da96d8947a462c"
     assert len(lineage["git_commit"]) >= 40
+    # The batch's mix: all from the curated base sample, no labelled windows yet.
+    assert 80 <= int(lineage["mix.base"]) <= 90 and lineage["mix.recent_windows"] == "0"
 
     # 2. A model that cannot beat the champion by the (raised) margin: champion stays.
     params = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -8,7 +8,14 @@ import pandas as pd
 import pytest
 
 from ml.params import DataParams, TrainParams, load_params
-from ml.training.data import DataError, dvc_hash, file_md5, prepare_training_batch, read_table
+from ml.training.data import (
+    DataError,
+    dvc_hash,
+    file_md5,
+    prepare_training_batch,
+    read_table,
+    training_rows,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -73,3 +80,66 @@ def test_default_split_trains_on_2013_2015_and_keeps_2016_back() -> None:
     assert all(s.startswith("2016") for s in params.data.drift_sources)
     sources = set(read_table(REPO / "data" / "tweets.tsv")["source"])
     assert set(params.data.train_sources) | set(params.data.drift_sources) == sources
+
+
+def _old_selection(tweets, data, max_examples, seed, extra):
+    """The selection before windows were bounded: every window whole, the base fills the rest."""
+    base = tweets[tweets["source"].isin(data.train_sources)][["label", "text"]]
+    extras = pd.concat([e[["label", "text"]] for e in extra], ignore_index=True)
+    budget = max_examples - len(extras)
+    base = base.groupby("label").sample(frac=budget / len(base), random_state=seed)
+    out = pd.concat([base, extras], ignore_index=True).drop_duplicates(subset=["text"])
+    return out.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+
+
+def _windows(count: int, size: int) -> list[pd.DataFrame]:
+    labels = ("negative", "neutral", "positive")
+    return [pd.DataFrame({"label": [labels[i % 3] for i in range(size)],
+                          "text": [f"window {w} row {i}" for i in range(size)]})
+            for w in range(count)]
+
+
+def test_a_few_small_windows_give_the_same_batch_as_before() -> None:
+    tweets, data = _tweets(60), DataParams(train_sources=["2013train", "2015test"])
+    windows = _windows(2, 15)
+    rows, mix = training_rows(tweets, data, 200, 7, windows)
+    pd.testing.assert_frame_equal(rows, _old_selection(tweets, data, 200, 7, windows))
+    assert mix == {"base": len(rows) - 30, "recent": 30, "older": 0, "recent_windows": 2,
+                   "older_windows": 0}
+
+
+def test_many_windows_never_crowd_out_the_base_sample() -> None:
+    tweets, data = _tweets(200), DataParams(train_sources=["2013train", "2015test"])
+    windows = _windows(12, 150)  # 1,800 labelled rows against a 1,000-row batch
+    rows, mix = training_rows(tweets, data, 1000, 7, windows)
+    assert mix["recent_windows"] == 3 and mix["older_windows"] == 9
+    assert mix["recent"] == 450  # the newest three windows, whole
+    assert mix["older"] == 50  # older ones sampled down to max_feedback_share (0.5) in all
+    assert mix["base"] >= 1000 * (1 - data.max_feedback_share) - 10
+    texts = set(rows["text"])
+    assert all(f"window {w} row {i}" in texts for w in (9, 10, 11) for i in range(150))
+    assert sum(mix[p] for p in ("base", "recent", "older")) == len(rows)
+
+
+def test_the_older_share_is_bounded_on_its_own() -> None:
+    tweets = _tweets(200)
+    data = DataParams(train_sources=["2013train"], recent_windows=1, max_older_share=0.05)
+    rows, mix = training_rows(tweets, data, 1000, 7, _windows(6, 100))
+    assert mix == {"base": mix["base"], "recent": 100, "older": 50, "recent_windows": 1,
+                   "older_windows": 5}
+    assert mix["base"] >= 840
+
+
+def test_the_mix_is_written_with_the_batch(tmp_path: Path) -> None:
+    src = tmp_path / "tweets.tsv"
+    _tweets().to_csv(src, sep="\t", index=False)
+    paths = []
+    for i, window in enumerate(_windows(4, 5)):
+        paths.append(tmp_path / f"window-{i}.tsv")
+        window.to_csv(paths[-1], sep="\t", index=False)
+    batch = prepare_training_batch(src, tmp_path / "o.tsv", DataParams(train_sources=["2013train"]),
+                                   TrainParams(), extra_paths=[str(p) for p in paths],
+                                   max_examples=60)
+    assert batch.mix["recent_windows"] == 3 and batch.mix["older_windows"] == 1
+    assert batch.mix["recent"] == 15 and batch.mix["older"] == 5
+    assert '"mix"' in batch.to_json()
