@@ -37,13 +37,18 @@ class RecordedWindow:
 
 
 def labelled_window(since: datetime, until: datetime) -> Any:
-    """Production rows of the window that got a true label back (columns label, text)."""
+    """Production rows of the window that got a true label back (columns label, text).
+
+    Ordered by text, then label: requests arrive in no fixed order, and the same labelled rows
+    must make the same batch file (and so the same retrained model) whatever order they came in.
+    """
     import pandas as pd
 
     query = (
         sa.select(feedback.c.label, predictions.c.text)
         .select_from(predictions.join(feedback, feedback.c.request_id == predictions.c.request_id))
         .where(predictions.c.at >= since, predictions.c.at < until)
+        .order_by(predictions.c.text, feedback.c.label)
     )
     with get_engine(get_settings().database_url).connect() as conn:
         rows = conn.execute(query).all()

@@ -85,3 +85,17 @@ def test_a_broken_old_window_is_quarantined_not_used(tmp_home, tmp_path) -> None
     reason = (kept / f"{broken.name}.reason.txt").read_text()
     assert "shorter than" in reason or "label outside" in reason, reason
     assert feedback.feedback_batches(tmp_path) == [str(good)]  # and it stays out
+
+
+def test_the_same_labels_make_the_same_batch_in_any_arrival_order(tmp_home, tmp_path) -> None:
+    labels = ("negative", "neutral", "positive")
+    rows = [(f"tweet {i} from the stands", labels[i % 3], labels[(i * 7) % 3]) for i in range(90)]
+    first, second = datetime(2026, 5, 5, tzinfo=UTC), datetime(2026, 5, 6, tzinfo=UTC)
+    _log(rows, first)
+    _log(list(reversed(rows)), second, prefix="s")  # the same labels, in the opposite order
+    a = feedback.record_labelled_window(first, first + timedelta(hours=1), dvc=False,
+                                        folder=tmp_path / "a")
+    b = feedback.record_labelled_window(second, second + timedelta(hours=1), dvc=False,
+                                        folder=tmp_path / "b")
+    assert a.path and b.path
+    assert open(a.path, "rb").read() == open(b.path, "rb").read()

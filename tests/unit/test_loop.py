@@ -96,11 +96,11 @@ def test_stale_lock_is_taken_over(tmp_home) -> None:
     assert lock.acquire_retraining("fresh", ttl=timedelta(hours=6)) not in (None, "dead")
 
 
-def _log(rows: list[tuple[str, str, str | None]], at: datetime) -> None:
+def _log(rows: list[tuple[str, str, str | None]], at: datetime, prefix: str = "r") -> None:
     engine = get_engine(get_settings().database_url)
     preds, fbs = [], []
     for i, (text, pred, truth) in enumerate(rows):
-        rid = f"r{i}"
+        rid = f"{prefix}{i}"
         preds.append({"request_id": rid, "at": at + timedelta(seconds=i), "model_name": "s",
                       "model_version": "1", "text": text, "label": pred, "score_negative": 0.2,
                       "score_neutral": 0.3, "score_positive": 0.5, "latency_ms": 5.0,
