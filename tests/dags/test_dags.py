@@ -87,6 +87,7 @@ def test_the_outcomes_a_dag_imports_at_parse_time_need_only_the_standard_library
 
 @pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
 def test_parsing_a_dag_file_loads_no_torch(path: Path) -> None:
+    # A fresh interpreter with the DAGs folder on sys.path, as Airflow's DAG processor has it.
     code = (
         "import runpy, sys; sys.path.insert(0, sys.argv[2]); runpy.run_path(sys.argv[1]); "
         "heavy = sorted(m for m in ('torch', 'transformers', 'mlflow', 'great_expectations') "
