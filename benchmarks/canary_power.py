@@ -29,7 +29,7 @@ import numpy as np
 from ml.lifecycle.canary import decide_canary
 from ml.lifecycle.evidence import VersionStats
 from ml.lifecycle.outcomes import CanaryAction
-from ml.lifecycle.sequential import unpaired_diffs, wealth_paths
+from ml.lifecycle.sequential import crossings, unpaired_diffs
 from ml.params import RolloutParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,22 +61,15 @@ def correctness(rng: np.random.Generator, s: Setting, delta: float, n: int) -> n
 
 
 def sequential_run(diffs: np.ndarray, s: Setting, low: float, high: float, cap: int) -> Any:
-    """The first checkpoint at which the sequential rule decides.
-
-    The wealth paths are computed once over the whole stream (each bet uses only earlier
-    labels), and each checkpoint's decision is :func:`ml.lifecycle.sequential.decide`'s on the
-    prefix: the running maximum of either path against ``log(1/alpha)``.
-    """
-    worse, not_worse = wealth_paths(diffs[:cap], margin=s.margin, low=low, high=high)
-    bound = np.log(1 / s.alpha)
-    checkpoints = np.arange(s.every, cap + 1, s.every)
-    hit_worse = np.maximum.accumulate(worse)[checkpoints - 1] >= bound
-    hit_not_worse = np.maximum.accumulate(not_worse)[checkpoints - 1] >= bound
+    """The first checkpoint at which the sequential rule decides (:func:`crossings`)."""
+    hit_worse, hit_not_worse = crossings(
+        diffs[:cap], margin=s.margin, alpha=s.alpha, every=s.every, low=low, high=high
+    )
     decided = np.flatnonzero(hit_worse | hit_not_worse)
     if len(decided) == 0:
         return "undecided", cap  # max_labels reached: the champion stays, the challenger goes
     i = decided[0]
-    return ("rollback" if hit_worse[i] else "promote"), int(checkpoints[i])
+    return ("rollback" if hit_worse[i] else "promote"), int((i + 1) * s.every)
 
 
 def previous_run(served: np.ndarray, right: np.ndarray, s: Setting, params: RolloutParams) -> Any:

@@ -119,6 +119,27 @@ def wealth_paths(
     return worse, not_worse
 
 
+def crossings(
+    diffs: np.ndarray,
+    *,
+    margin: float,
+    alpha: float,
+    every: int,
+    low: float = -1.0,
+    high: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """At each checkpoint (every ``every`` labels): has "worse" / "not worse" reached
+    ``log(1/alpha)`` by then? The rule of :func:`decide` at every checkpoint, in one pass;
+    ``diffs`` may hold several streams (one per row)."""
+    worse, not_worse = wealth_paths(diffs, margin=margin, low=low, high=high)
+    at = np.arange(every, diffs.shape[-1] + 1, every) - 1
+    bound = math.log(1.0 / alpha)
+    return (
+        np.maximum.accumulate(worse, axis=-1)[..., at] >= bound,
+        np.maximum.accumulate(not_worse, axis=-1)[..., at] >= bound,
+    )
+
+
 def unpaired_diffs(
     served_by_challenger: np.ndarray, correct: np.ndarray, share: float
 ) -> np.ndarray:

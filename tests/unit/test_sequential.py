@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ml.lifecycle.outcomes import CanaryAction
-from ml.lifecycle.sequential import decide, unpaired_diffs, wealth_paths
+from ml.lifecycle.sequential import crossings, decide, unpaired_diffs, wealth_paths
 
 ALPHA = 0.05
 MARGIN = 0.03
@@ -34,10 +34,8 @@ def paired(delta: float, *, seed: int, discordance: float = 0.2) -> np.ndarray:
 
 def decided_at_checkpoints(diffs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per stream: did 'worse' / 'not worse' reach log(1/alpha) at any checkpoint?"""
-    worse, not_worse = wealth_paths(diffs, margin=MARGIN)
-    at = np.arange(EVERY, diffs.shape[1] + 1, EVERY) - 1
-    bound = math.log(1 / ALPHA)
-    return (worse[:, at] >= bound).any(axis=1), (not_worse[:, at] >= bound).any(axis=1)
+    worse, not_worse = crossings(diffs, margin=MARGIN, alpha=ALPHA, every=EVERY)
+    return worse.any(axis=1), not_worse.any(axis=1)
 
 
 @pytest.mark.parametrize("delta", [-MARGIN, -0.05])
