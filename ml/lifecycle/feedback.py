@@ -4,8 +4,10 @@ validated, DVC-tracked training batch (only rows that pass the gate join the tra
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import operator
 import subprocess
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -89,22 +91,22 @@ def quarantine(path: Path, reason: str) -> Path:
     return target / path.name
 
 
+def _failing_rows(table: Any, rules: Any) -> dict[str, Any]:
+    """Per rule a row must pass on its own, the mask of the rows that break it."""
+    length = table["text"].astype(str).str.strip().str.len()
+    return {
+        f"a label outside {list(LABELS)}": ~table["label"].isin(LABELS),
+        f"a text shorter than {rules.text_min_length}": length < rules.text_min_length,
+        f"a text longer than {rules.text_max_length}": length > rules.text_max_length,
+    }
+
+
 def _row_problems(table: Any, rules: Any) -> list[str]:
     """What keeps rows of a labelled batch from passing the gate on their own."""
-    problems = []
     if not {"label", "text"} <= set(table.columns):
         return [f"columns {list(table.columns)}, expected label and text"]
-    unknown = int((~table["label"].isin(LABELS)).sum())
-    if unknown:
-        problems.append(f"{unknown} row(s) with a label outside {list(LABELS)}")
-    length = table["text"].astype(str).str.strip().str.len()
-    short = int((length < rules.text_min_length).sum())
-    long = int((length > rules.text_max_length).sum())
-    if short:
-        problems.append(f"{short} row(s) with a text shorter than {rules.text_min_length}")
-    if long:
-        problems.append(f"{long} row(s) with a text longer than {rules.text_max_length}")
-    return problems
+    counts = {what: int(mask.sum()) for what, mask in _failing_rows(table, rules).items()}
+    return [f"{n} row(s) with {what}" for what, n in counts.items() if n]
 
 
 def _unusable(path: Path, rules: Any) -> str | None:
@@ -145,12 +147,8 @@ def record_labelled_window(
     since, until = _as_utc(since), _as_utc(until)
     table = labelled_window(since, until)
     rules = params.validation
-    text = table["text"].astype(str).str.strip()
-    keep = (
-        table["label"].isin(LABELS)
-        & (text.str.len() >= rules.text_min_length)
-        & (text.str.len() <= rules.text_max_length)
-    )
+    failing = _failing_rows(table, rules).values()
+    keep = ~functools.reduce(operator.or_, failing)
     clean = table[keep].drop_duplicates(subset=["text"]).reset_index(drop=True)
     dropped = len(table) - len(clean)
     result = validate_frame(
