@@ -12,7 +12,7 @@ STACK  := eval "$$($(PY) -m scripts.stack_env)" && export PATH="$(CURDIR)/$(VENV
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv data airflow-db stores demo demo-train demo-fast demo-check serve test test-fast lint \
-        dvc-repro airflow-ui mlflow-ui services-install services-start services-stop bench-serve \
+        dvc-repro airflow-ui mlflow-ui services-install services-start services-stop bench-serve bench-shadow \
         load-test fuzz-api clean
 
 help: ## Show this help
@@ -102,6 +102,9 @@ services-stop: ## Stop the loopback PostgreSQL and Redis
 
 bench-serve: setup ## Serving benchmark: naive baseline vs the service vs the model-only ceiling
 	@$(STACK) && $(PY) -m benchmarks.serve_bench
+
+bench-shadow: setup ## Shadow scoring benchmark: served p95 with shadow on vs off (~5 min)
+	@$(STACK) && $(PY) -m benchmarks.shadow_bench
 
 load-test: venv data ## Load and fault tests of the serving stack (~10 min) -> benchmarks/results/load_*
 	@$(TESTENV) && $(PY) -m tests.harness.load --steady-seconds 300

@@ -7,8 +7,11 @@ re-evaluated every ``--every`` labels as ``canary_rollout`` would:
 - **driftloop**: :func:`ml.lifecycle.sequential.decide` on paired labels (both models scored the
   same text: shadow scoring);
 - **unpaired**: the same test on importance-weighted labels that judge only the model that served;
-- **previous**: today's rule, :func:`ml.lifecycle.canary.decide_canary` (fixed-horizon Fisher
-  test, point-estimate promotion), on the same unpaired streams.
+- **previous**: the rule driftloop used before issue 11 (:func:`previous_rule`: a fixed-horizon
+  Fisher test peeked at every checkpoint, promotion on a point estimate), on the same unpaired
+  streams.
+
+The sequential rule's margin, alpha and label cap default to ``rollout:`` in params.yaml.
 
 It prints, per rule and delta, the promote and rollback rates and the median number of labels at
 decision, and writes ``benchmarks/results/canary_power.{json,md}``. ``--json`` prints one JSON
@@ -26,11 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from ml.lifecycle.canary import decide_canary
-from ml.lifecycle.evidence import VersionStats
+from ml.lifecycle.evidence import VersionStats, worse_p_value
 from ml.lifecycle.outcomes import CanaryAction
 from ml.lifecycle.sequential import crossings, unpaired_diffs
-from ml.params import RolloutParams
+from ml.params import load_params
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DELTAS = (-0.10, -0.05, -0.03, 0.0, 0.03)
@@ -72,7 +74,44 @@ def sequential_run(diffs: np.ndarray, s: Setting, low: float, high: float, cap: 
     return ("rollback" if hit_worse[i] else "promote"), int((i + 1) * s.every)
 
 
-def previous_run(served: np.ndarray, right: np.ndarray, s: Setting, params: RolloutParams) -> Any:
+@dataclass(frozen=True)
+class PreviousParams:
+    """The thresholds of the rule before issue 11 (params.yaml's ``rollout:`` then)."""
+
+    min_feedback_early: int = 30
+    early_alpha: float = 0.01
+    min_feedback: int = 100
+    alpha: float = 0.05
+    max_accuracy_drop: float = 0.02
+    max_feedback: int = 1000
+
+
+def previous_rule(
+    champion: VersionStats, challenger: VersionStats, params: PreviousParams
+) -> CanaryAction:
+    """The accuracy half of the canary rule before issue 11, as it was in ml/lifecycle/canary.py:
+    roll back early on a one-sided Fisher test at ``early_alpha``; once both versions have
+    ``min_feedback`` labels, roll back at ``alpha``, promote when the point estimate is at most
+    ``max_accuracy_drop`` below the champion's, give up at ``max_feedback``."""
+    p = worse_p_value(challenger, champion)
+    if (
+        p is not None
+        and challenger.feedback >= params.min_feedback_early
+        and p < params.early_alpha
+    ):
+        return CanaryAction.ROLLBACK
+    if challenger.feedback >= params.min_feedback and champion.feedback >= params.min_feedback:
+        assert challenger.accuracy is not None and champion.accuracy is not None
+        if p is not None and p < params.alpha:
+            return CanaryAction.ROLLBACK
+        if champion.accuracy - challenger.accuracy <= params.max_accuracy_drop:
+            return CanaryAction.PROMOTE
+        if challenger.feedback >= params.max_feedback:
+            return CanaryAction.ROLLBACK
+    return CanaryAction.WAIT
+
+
+def previous_run(served: np.ndarray, right: np.ndarray, s: Setting, params: PreviousParams) -> Any:
     for end in range(s.every, len(served) + 1, s.every):
         mine, theirs = served[:end], ~served[:end]
         challenger = VersionStats(
@@ -83,14 +122,14 @@ def previous_run(served: np.ndarray, right: np.ndarray, s: Setting, params: Roll
             "1", predictions=int(theirs.sum()), feedback=int(theirs.sum()),
             correct=int(right[:end][theirs].sum()),
         )  # fmt: skip
-        action = decide_canary(champion, challenger, params).action
+        action = previous_rule(champion, challenger, params)
         if action != CanaryAction.WAIT:
             return str(action), end
     return "undecided", len(served)
 
 
 def simulate(s: Setting, runs: int, seed: int) -> dict[str, list[dict[str, float]]]:
-    params = RolloutParams(canary_share=s.share)
+    params = PreviousParams()
     rules: dict[str, list[dict[str, float]]] = {"driftloop": [], "unpaired": [], "previous": []}
     for k, delta in enumerate(DELTAS):
         rng = np.random.default_rng(seed + k)
@@ -153,10 +192,11 @@ def main() -> None:
     # samples agree on 86.4% of labels; exactly one of them is right on 11.65% of texts.
     parser.add_argument("--discordance", type=float, default=0.1165)
     parser.add_argument("--share", type=float, default=0.2)
-    parser.add_argument("--margin", type=float, default=0.03)
-    parser.add_argument("--alpha", type=float, default=0.05)
+    rollout = load_params().rollout
+    parser.add_argument("--margin", type=float, default=rollout.margin)
+    parser.add_argument("--alpha", type=float, default=rollout.alpha)
     parser.add_argument("--every", type=int, default=50)
-    parser.add_argument("--max-labels", type=int, default=10_000)
+    parser.add_argument("--max-labels", type=int, default=rollout.max_labels)
     parser.add_argument("--max-labels-unpaired", type=int, default=100_000)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -35,6 +35,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -175,11 +177,20 @@ async def closed_loop(
 
 
 async def open_loop(
-    url: str, texts: list[str], rate: float, seconds: float, seed: int = 0
+    url: str,
+    texts: list[str],
+    rate: float,
+    seconds: float,
+    seed: int = 0,
+    latencies: list[float] | None = None,
 ) -> LoadResult:
-    """Poisson arrivals at ``rate`` per second for ``seconds`` (at most MAX_IN_FLIGHT open)."""
+    """Poisson arrivals at ``rate`` per second for ``seconds`` (at most MAX_IN_FLIGHT open).
+
+    ``latencies`` (seconds), when given, receives every answered request's latency.
+    """
     rng = random.Random(seed)
-    latencies: list[float] = []
+    latencies = [] if latencies is None else latencies
+    latencies_before = len(latencies)
     errors: list[str] = []
     tasks: set[asyncio.Task[None]] = set()
     async with _session() as session:
@@ -203,7 +214,7 @@ async def open_loop(
         if tasks:
             await asyncio.wait(tasks, timeout=REQUEST_TIMEOUT)
         elapsed = time.perf_counter() - started
-    return summarise("open", latencies, errors, elapsed, offered=round(rate, 1))
+    return summarise("open", latencies[latencies_before:], errors, elapsed, offered=round(rate, 1))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -302,6 +313,24 @@ class Server:
         terminate_group(self.proc, timeout=30)
 
 
+def service_env(work: Path, registry_env: dict[str, str], name: str = "service") -> dict[str, str]:
+    """The environment of a benchmarked service: the registry, a home and a SQLite prediction
+    log of its own under ``work``, no rate limit, no keys, no Redis (the embedded cache)."""
+    env = {
+        **os.environ,
+        "BENTOML_DO_NOT_TRACK": "True",
+        "PYTHONWARNINGS": "ignore",
+        **registry_env,
+        "DRIFTLOOP_HOME": str(work / f"{name}-home"),
+        "DATABASE_URL": f"sqlite:///{work / f'{name}-log.db'}",
+        "DRIFTLOOP_RATE_LIMIT": "0",
+        "BENTOML_HOME": str(work / "bentoml"),
+    }
+    for key in ("REDIS_URL", "DRIFTLOOP_API_KEYS"):
+        env.pop(key, None)
+    return env
+
+
 class NaiveBody(BaseModel):
     texts: list[str]
 
@@ -371,6 +400,23 @@ def choose_model(work: Path) -> ModelChoice:
         )
     log.info("no champion: benchmarking untrained all-MiniLM-L6-v2 with a fresh 3-class head")
     path = save_model(new_classifier(), load_tokenizer(), work / "base")
+    with throwaway_registry(work) as env:
+        version = registry.register_model_dir(path, reason="serving benchmark")
+        registry.set_alias("champion", version.version, actor="serve_bench", reason="benchmark")
+    return ModelChoice(
+        "untrained all-MiniLM-L6-v2 + fresh 3-class head",
+        path,
+        False,
+        {"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]},
+    )
+
+
+@contextmanager
+def throwaway_registry(work: Path) -> Iterator[dict[str, str]]:
+    """Point this process's settings at a SQLite registry and home under ``work`` (yielding
+    that environment) while the block runs, so a benchmark never writes the project's registry."""
+    from ml.settings import get_settings
+
     env = {
         "DRIFTLOOP_HOME": str(work / "home"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
@@ -380,8 +426,7 @@ def choose_model(work: Path) -> ModelChoice:
     os.environ.update(env)
     get_settings.cache_clear()
     try:
-        version = registry.register_model_dir(path, reason="serving benchmark")
-        registry.set_alias("champion", version.version, actor="serve_bench", reason="benchmark")
+        yield env
     finally:
         for k, v in old.items():
             if v is None:
@@ -389,12 +434,6 @@ def choose_model(work: Path) -> ModelChoice:
             else:
                 os.environ[k] = v
         get_settings.cache_clear()
-    return ModelChoice(
-        "untrained all-MiniLM-L6-v2 + fresh 3-class head",
-        path,
-        False,
-        {"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]},
-    )
 
 
 def measure_ceiling(model_dir: Path, texts: list[str], seconds: float) -> dict[str, Any]:
@@ -651,16 +690,7 @@ def main(argv: list[str] | None = None) -> int:
             naive_server.stop()
 
         port = free_port()
-        env = {
-            **base_env,
-            **choice.registry_env,
-            "DRIFTLOOP_HOME": str(work / "service-home"),
-            "DATABASE_URL": f"sqlite:///{work / 'service-log.db'}",
-            "DRIFTLOOP_RATE_LIMIT": "0",
-            "BENTOML_HOME": str(work / "bentoml"),
-        }
-        for key in ("REDIS_URL", "DRIFTLOOP_API_KEYS"):
-            env.pop(key, None)
+        env = service_env(work, choice.registry_env)
         if args.service_threads:
             env["OMP_NUM_THREADS"] = str(args.service_threads)
         service_log = work / "service.log"

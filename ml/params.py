@@ -59,20 +59,44 @@ class ValidationParams(_Section):
 
 
 class RolloutParams(_Section):
-    """Canary rollout: how much traffic a challenger gets and what evidence decides it."""
+    """Canary rollout: how much traffic a challenger gets, how both models are scored, and the
+    sequential test that decides (:mod:`ml.lifecycle.sequential`, docs/lifecycle.md)."""
 
     canary_share: float = 0.2  # 0 promotes straight after the offline gate (no canary)
+    # The sequential test on per-label differences (paired when a shadow score exists).
+    margin: Annotated[float, Field(ge=0, lt=1)] = 0.03  # promote: not worse by more than this
+    alpha: Annotated[float, Field(gt=0, lt=0.5)] = 0.05  # each test's error rate, at any peek
+    max_labels: Annotated[int, Field(ge=1)] = 10_000  # undecided after this: keep the champion
+    max_hours: Annotated[float, Field(gt=0)] = 72.0  # the same, counted in canary hours
+    # Label-free guardrails that roll a challenger back early.
     min_predictions: int = 100  # before latency/confidence comparisons count
     min_requests_for_errors: int = 20
     max_error_rate_increase: float = 0.02
     max_latency_ratio: float = 2.0
     min_confidence_ratio: float = 0.7
-    min_feedback_early: int = 30  # labels before an early (clearly worse) rollback
-    early_alpha: float = 0.01
-    min_feedback: int = 100  # labels per version before a promotion
-    alpha: float = 0.05
-    max_accuracy_drop: float = 0.02
-    max_feedback: int = 1000  # stop waiting: not shown better after this many labels
+    min_shadowed: int = 100  # shadow-scored requests before the disagreement rate counts
+    max_disagreement: Annotated[float, Field(gt=0, le=1)] = 0.4
+    # Shadow scoring: the model that did not answer scores a share of canary requests, off the
+    # request path; beyond the queue bound (in texts) shadow work is dropped, never waited for.
+    shadow_share: Annotated[float, Field(ge=0, le=1)] = 1.0
+    shadow_queue_texts: Annotated[int, Field(ge=1)] = 512
+    min_feedback_early: int = 30  # champion labels before a live-feedback rollback (monitor_drift)
+
+
+class LabelParams(_Section):
+    """Whose feedback labels count for canary, rollback and retraining decisions.
+
+    ``sources`` lists the label sources that count (``ml.serving.provenance`` ids such as
+    ``key-3f2a9c0d1b7e``), or ``all``. ``max_source_share`` is the largest share of the labels
+    used in any one decision that one source may have; a source beyond it counts only up to it
+    (its earliest labels), so no single client can steer a decision on its own.
+    """
+
+    sources: list[str] | str = "all"
+    max_source_share: Annotated[float, Field(gt=0, le=1)] = 0.25
+
+    def counts(self, source: str) -> bool:
+        return self.sources == "all" or source in self.sources
 
 
 class DriftParams(BaseModel):
@@ -137,6 +161,7 @@ class Params(_Section):
     promotion: PromotionParams = Field(default_factory=PromotionParams)
     validation: ValidationParams = Field(default_factory=ValidationParams)
     rollout: RolloutParams = Field(default_factory=RolloutParams)
+    labels: LabelParams = Field(default_factory=LabelParams)
     drift: DriftParams = Field(default_factory=lambda: DriftParams())
 
 

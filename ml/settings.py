@@ -11,8 +11,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ml.serving.provenance import parse_api_keys
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +64,11 @@ class Settings(BaseSettings):
     api_keys: str | None = Field(
         default=None,
         validation_alias=AliasChoices("DRIFTLOOP_API_KEYS"),
-        description="Comma-separated API keys; when set, /predict, /feedback and admin need one.",
+        description=(
+            "Comma-separated API keys, each `key` (roles predict+feedback) or `key:role+role` "
+            "(predict, feedback, admin); when set, /predict, /feedback and /admin/* need a key "
+            "with the matching role."
+        ),
     )
     max_texts_per_request: int = Field(
         default=256, validation_alias=AliasChoices("DRIFTLOOP_MAX_TEXTS")
@@ -131,9 +137,23 @@ class Settings(BaseSettings):
         """Scratch space for intermediate files (prepared batches, checkpoints)."""
         return self.home / "work"
 
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, value: str | None) -> str | None:
+        # At start-up, not at the first request; raises ApiKeyError, whose message names the
+        # entry by position and key id and never shows a key (a ValueError would: pydantic
+        # prints the value it refused).
+        parse_api_keys(value)
+        return value
+
+    @property
+    def api_key_roles(self) -> dict[str, frozenset[str]]:
+        """Each API key and its roles (:func:`ml.serving.provenance.parse_api_keys`)."""
+        return parse_api_keys(self.api_keys)
+
     @property
     def api_key_set(self) -> frozenset[str]:
-        return frozenset(k.strip() for k in (self.api_keys or "").split(",") if k.strip())
+        return frozenset(self.api_key_roles)
 
     def ensure_home(self) -> Path:
         """Create the state folder and its sub-folders; return ``home``."""

@@ -79,6 +79,21 @@ def check(summary: dict[str, Any]) -> tuple[list[str], bool]:
         label = extra.get("step") if isinstance(extra, dict) else extra
         line(False, f"unexpected step {label!r}", "(none)", str(extra))
 
+    canary = next((s for s in steps if isinstance(s, dict) and s.get("step") == "canary"), None)
+    if canary is not None:
+        evidence = canary.get("evidence") or {}
+        test, labels = evidence.get("test") or {}, evidence.get("labels") or {}
+        shown = bool(test) and test.get("log_wealth_not_worse", 0) >= test.get("bound", 1e9)
+        paired = int(labels.get("paired") or 0)
+        line(
+            shown and paired > 0,
+            "canary decided by the test",
+            "paired, not worse",
+            f"{paired} paired + {labels.get('unpaired')} unpaired labels, log-wealth "
+            f"{test.get('log_wealth_not_worse', float('nan')):.2f} vs bound "
+            f"{test.get('bound', float('nan')):.2f}",
+        )
+
     tries = summary.get("failed_tries")
     if not isinstance(tries, list):
         line(False, "failed task tries", "none", "not recorded")

@@ -42,6 +42,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 T0 = time.monotonic()
 DAGS = ("train_model", "monitor_drift", "canary_rollout")
+# The demo's service runs with API keys: one client predicts, five labelling teams send labels
+# (labels.max_source_share in params.yaml: no one source may decide alone), one operator.
+APP_KEY = "demo-app-key"
+LABELLER_KEYS = [f"demo-labeller-{i}-key" for i in range(1, 6)]
+API_KEYS = ",".join(
+    [f"{APP_KEY}:predict", "demo-ops-key:admin", *(f"{k}:feedback" for k in LABELLER_KEYS)]
+)
 
 
 def say(message: str) -> None:
@@ -124,7 +131,14 @@ def replay(table: Path, url: str, share: float, seed: int) -> dict[str, Any]:
     from ml.serving.replay import replay as do_replay
 
     summary = do_replay(
-        table, url, feedback_share=share, concurrency=8, seed=seed, progress=True
+        table,
+        url,
+        feedback_share=share,
+        concurrency=8,
+        seed=seed,
+        progress=True,
+        api_key=APP_KEY,
+        feedback_keys=LABELLER_KEYS,
     ).to_dict()
     say(
         f"replayed {summary['sent']} requests ({summary['requests_per_second']}/s, "
@@ -216,7 +230,7 @@ def main() -> int:
         "damaged_canary": 900,
         "damaged_train": 1500,
     }
-    env = dict(os.environ, DRIFTLOOP_REGISTRY_POLL="3")
+    env = dict(os.environ, DRIFTLOOP_REGISTRY_POLL="3", DRIFTLOOP_API_KEYS=API_KEYS)
     # The demo's own parameters: its scripted steps must be the only DAG runs, so the schedules
     # are off (a scheduled canary_rollout could otherwise decide a canary between two steps).
     import yaml
@@ -328,9 +342,11 @@ def run_steps(
                 challenger = get_alias(CHALLENGER)
                 service.wait_serving(champion.version, challenger.version)
                 say(f"4/5 canary: v{challenger.version} serves 20% of traffic")
-                half = _split(tables["canary"], 2)
-                decided = canary_until_decided(api, service, half, 0.8, args.seed + 2)
-                record["steps"].append({"step": "canary", "outcome": decided})
+                rounds = _split(tables["canary"], 4)
+                decided = canary_until_decided(api, service, rounds, 0.8, args.seed + 2)
+                record["steps"].append(
+                    {"step": "canary", "outcome": decided, "evidence": last_canary_evidence()}
+                )
 
         champion = get_alias(CHAMPION)
         service.wait_serving(champion.version)
@@ -366,9 +382,31 @@ def run_steps(
         decided = canary_until_decided(
             api, service, _split(tables["damaged_canary"], 3), 0.8, args.seed + 3
         )
-        record["steps"].append({"step": "damaged model, canary", "outcome": decided})
+        record["steps"].append(
+            {
+                "step": "damaged model, canary",
+                "outcome": decided,
+                "evidence": last_canary_evidence(),
+            }
+        )
         service.wait_serving(get_alias(CHAMPION).version)
         record["serving_at_end"] = service.model()
+
+
+def last_canary_evidence() -> dict[str, Any] | None:
+    """The evidence recorded with the latest canary promotion or rollback (its audit row)."""
+    from ml.registry import AuditAction, audit_log
+
+    actions = {AuditAction.CANARY_PROMOTE, AuditAction.CANARY_ROLLBACK}
+    move = next((m for m in audit_log(limit=50) if m.action in actions), None)
+    if move is None or not move.evidence:
+        return None
+    return {
+        "reason": move.reason,
+        "test": move.evidence.get("test"),
+        "labels": move.evidence.get("labels"),
+        "checks": move.evidence.get("checks"),
+    }
 
 
 def _split(path: Path, parts: int) -> list[Path]:
@@ -457,6 +495,24 @@ def run_report(record: dict[str, Any]) -> list[str]:
     return lines
 
 
+def canary_evidence(evidence: dict[str, Any] | None) -> list[str]:
+    """The sequential test's evidence behind a canary decision, as the audit row holds it."""
+    test, labels = (evidence or {}).get("test"), (evidence or {}).get("labels")
+    if not test or not labels:
+        return []
+    counted = labels.get("by_source", {}).get("counted", {})
+    rate = labels.get("disagreement_rate")
+    return [
+        f"           evidence: {labels['paired']} paired + {labels['unpaired']} unpaired labels "
+        f"from {len(counted)} sources, mean difference {test['mean']:+.3f}; log-wealth worse "
+        f"{test['log_wealth_worse']:.2f}, not worse (margin {test['margin']}) "
+        f"{test['log_wealth_not_worse']:.2f}, bound {test['bound']:.2f}",
+        f"           shadow-scored requests {labels['shadowed_requests']}, disagreement "
+        + (f"{rate:.1%}" if rate is not None else "-")
+        + f"; labels per source {counted}",
+    ]
+
+
 def summary(record: dict[str, Any]) -> int:
     from ml.drift import list_reports
     from ml.registry import CHAMPION, REJECTED_TAG, audit_log, get_alias, list_versions
@@ -481,6 +537,7 @@ def summary(record: dict[str, Any]) -> int:
             f"{move.from_version or '-'} -> {move.to_version or '-'}  by {move.actor}"
         )
         lines.append(f"           {move.reason[:150]}")
+        lines += canary_evidence(move.evidence)
     lines += ["", "drift reports:"]
     for r in reversed(list_reports()):
         lines.append(

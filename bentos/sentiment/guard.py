@@ -1,8 +1,10 @@
-"""The service's front door: API keys, rate limits and body limits, then the body's shape.
+"""The service's front door: API keys and their roles, rate limits and body limits, then the
+body's shape.
 
 An ASGI middleware in front of ``/predict``, ``/feedback`` and ``/admin/*`` that answers every
 client mistake itself with a 4xx naming the problem, so none becomes a 500 (the statuses are
 listed in docs/serving.md). The body's shape is checked against the API's own pydantic types.
+It hands the endpoint the caller's source id (:func:`source_of`), which labels record.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from ml.params import LABELS
+from ml.serving.provenance import ADMIN, FEEDBACK, PREDICT, address_id, key_id
 from ml.serving.ratelimit import RateLimiter, make_rate_limiter
 from ml.serving.schemas import FeedbackRequest, predict_request
 from ml.settings import Settings, get_settings
@@ -28,6 +31,13 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[Message], Any]
+
+# The role each guarded endpoint needs (RequestGuard.endpoint's names), and how messages name it.
+ROLE_NEEDED = {"predict": PREDICT, "feedback": FEEDBACK, "admin": ADMIN}
+ENDPOINT_PATHS = {"predict": "/predict", "feedback": "/feedback", "admin": "/admin/*"}
+# Where the guard leaves the caller's source id for the endpoint: the request's state, which
+# only the server writes (a client cannot choose its own source id).
+SOURCE_STATE = "driftloop_source"
 
 PREDICT_EXAMPLE = '{"texts": ["some text", ...]}'
 FEEDBACK_EXAMPLE = '{"request_id": "...", "label": "' + "|".join(LABELS) + '"}'
@@ -247,7 +257,7 @@ class RequestGuard:
     ) -> None:
         self.app = app
         self.settings = settings or get_settings()
-        self.keys = self.settings.api_key_set
+        self.keys = self.settings.api_key_roles
         self.limits = Limits.from_settings(self.settings)
         self.on_reject = on_reject
         self._limiter: RateLimiter | None = None
@@ -275,8 +285,8 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         try:
-            key = self._authenticate(scope)
-            self._rate_limit(scope, key)
+            source = self._authenticate(scope, endpoint)
+            self._rate_limit(source)
             if scope.get("method") != "POST":
                 await self.app(scope, receive, send)  # the router answers 405
                 return
@@ -307,27 +317,44 @@ class RequestGuard:
                     self.on_reject(endpoint, 500, "guard_error")
             await send_json(send, 500, {"error": "internal error while checking the request"})
             return
+        scope = {**scope, "state": {**scope.get("state", {}), SOURCE_STATE: source}}
         if endpoint != "admin":
             headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
             scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         await self.app(scope, _replay(body, receive), send)
 
-    def _authenticate(self, scope: Scope) -> str | None:
-        key = _header(scope, b"x-api-key")
+    def _authenticate(self, scope: Scope, endpoint: str) -> str:
+        """Check the key and its role for ``endpoint``; return the caller's source id.
+
+        Without keys configured the service is open (every endpoint, admin too) and the source
+        is the client address's id.
+        """
         if not self.keys:
-            return key
+            return address_id(str((scope.get("client") or ("unknown",))[0]))
+        key = _header(scope, b"x-api-key")
         if not key:
             raise ClientError(
                 401, "missing X-API-Key header: this endpoint needs an API key", "no_api_key"
             )
-        if not any(hmac.compare_digest(key.encode(), k.encode()) for k in self.keys):
+        matched: str | None = None
+        given = key.encode("utf-8", "surrogateescape")
+        for known in self.keys:  # compared with every key, each in constant time
+            if hmac.compare_digest(given, known.encode("utf-8", "surrogateescape")):
+                matched = known
+        if matched is None:
             raise ClientError(403, "invalid API key", "bad_api_key")
-        return key
+        role = ROLE_NEEDED[endpoint]
+        if role not in self.keys[matched]:
+            raise ClientError(
+                403,
+                f"this API key lacks the {role!r} role needed for {ENDPOINT_PATHS[endpoint]}",
+                "missing_role",
+            )
+        return key_id(matched)
 
-    def _rate_limit(self, scope: Scope, key: str | None) -> None:
+    def _rate_limit(self, who: str) -> None:
         if self.settings.rate_limit_per_minute <= 0:
             return
-        who = f"key:{key}" if key else f"addr:{(scope.get('client') or ('unknown',))[0]}"
         decision = self.limiter.hit(who)
         if not decision.allowed:
             retry = max(1, round(decision.retry_after_seconds))
@@ -367,6 +394,11 @@ class RequestGuard:
 
 class _Disconnected(Exception):
     """The client went away before sending its whole body."""
+
+
+def source_of(request: Any) -> str:
+    """The source id the guard gave a request (a Starlette request, e.g. ``ctx.request``)."""
+    return str(request.scope.get("state", {}).get(SOURCE_STATE, "unknown"))
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -55,6 +55,10 @@ class ServiceMetrics:
             "Requests answered with an error, by endpoint, status and reason",
             ["endpoint", "status", "reason"],
         )
+        self.feedback_conflicts = Counter(
+            "driftloop_feedback_conflicts",
+            "Labels refused (409) because the request id already has a different label",
+        )
         self.inference_errors = Counter(
             "driftloop_inference_errors",
             "Requests whose inference failed, by model version",
@@ -74,6 +78,16 @@ class ServiceMetrics:
             "Share of requests routed to the challenger",
             multiprocess_mode="mostrecent",
         )
+        self.shadow_scored = Counter(
+            "driftloop_shadow_scored",
+            "Canary texts also scored in shadow by the model that did not answer them",
+        )
+        self.shadow_dropped = Counter(
+            "driftloop_shadow_dropped",
+            "Canary texts sampled for shadow scoring but not scored, by reason "
+            "(queue_full, not_loaded, failed)",
+            ["reason"],
+        )
 
     def error(self, endpoint: str, status: int, reason: str) -> None:
         self.errors.labels(endpoint=endpoint, status=str(status), reason=reason).inc()
@@ -82,6 +96,9 @@ class ServiceMetrics:
         self.batch_texts.observe(stats.texts)
         self.batch_requests.observe(stats.requests)
         self.inference.observe(stats.seconds)
+
+    def shadow_drop(self, reason: str, texts: int) -> None:
+        self.shadow_dropped.labels(reason=reason).inc(texts)
 
 
 @lru_cache(maxsize=1)

@@ -18,7 +18,7 @@ import bentoml
 from fastapi import FastAPI
 from starlette.responses import JSONResponse
 
-from bentos.sentiment.guard import RequestGuard
+from bentos.sentiment.guard import RequestGuard, source_of
 from bentos.sentiment.metrics import service_metrics
 from ml.serving.schemas import (
     FeedbackRequest,
@@ -41,6 +41,10 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 MAX_BATCH_TEXTS = 32
 MAX_LATENCY_MS = 5.0
 BATCH_SIZE = 16
+# Shadow scoring: texts per job handed to the shadow process (queued requests coalesced) and
+# its forward-pass size. It runs at the lowest CPU priority, on time the served model leaves idle.
+SHADOW_BATCH_TEXTS = 64
+SHADOW_BATCH_SIZE = 16
 RECENT_IDS = 200_000  # request ids remembered in memory, so feedback needs no database read
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -61,7 +65,10 @@ def _resources() -> dict[str, Any]:
     return {"gpu": 1} if get_settings().serve_gpu else {}
 
 
-def _error(status: int, message: str) -> JSONResponse:
+def _error(ctx: bentoml.Context, status: int, message: str) -> JSONResponse:
+    """An error answer. An endpoint that takes ``ctx`` answers with ``ctx``'s status, whatever
+    the returned response says (BentoML 1.4), so both are set."""
+    ctx.response.status_code = status
     return JSONResponse({"error": message}, status_code=status)
 
 
@@ -89,6 +96,7 @@ class SentimentService:
         from ml.serving.cache import make_cache
         from ml.serving.pool import ModelPool, registry_loader, registry_resolver
         from ml.serving.predlog import PredictionLog
+        from ml.serving.shadow import ShadowModels, ShadowScorer
         from ml.serving.tuning import serving_threads
         from ml.serving.worker import ModelProcess
 
@@ -103,18 +111,55 @@ class SentimentService:
             threads=None if settings.serve_gpu else serving_threads(),
             on_batch=self.metrics.observe_batch,
         ).start()
+        load_options: dict[str, Any] = {
+            "device_setting": settings.device,
+            "gpu": settings.serve_gpu,
+            "max_length": params.evaluate.max_length,
+            "batch_size": BATCH_SIZE,
+        }
+        load_dir = self.models.loader(**load_options)
+        release = self.models.release
+        # Shadow scoring during a canary (docs/serving.md): the model that did not answer scores
+        # a share of requests in a second model process at the lowest CPU priority, holding the
+        # same versions as this one (loaded there in the background, freed with them).
+        self.shadow_process: ModelProcess | None = None
+        self.shadow: ShadowScorer | None = None
+        self.shadow_models: ShadowModels | None = None
+        if params.rollout.shadow_share > 0:
+            try:
+                self.shadow_process = ModelProcess(
+                    max_batch_size=SHADOW_BATCH_TEXTS,
+                    max_latency_ms=MAX_LATENCY_MS,
+                    threads=None if settings.serve_gpu else 1,
+                    low_priority=True,
+                    name="driftloop-shadow",
+                ).start()
+            except Exception:  # noqa: BLE001 - serving goes on without shadow scores
+                log.exception("no shadow process; canary requests are not shadow-scored")
+        if self.shadow_process is not None:
+            shadow_process = self.shadow_process
+            self.shadow_models = ShadowModels(
+                lambda path, info: shadow_process.start_load(
+                    path, info, **{**load_options, "batch_size": SHADOW_BATCH_SIZE}
+                ),
+                shadow_process.release_key,
+            )
+            load_dir = self.shadow_models.loader(load_dir)
+            release = self.shadow_models.releaser(release)
+            self.shadow = ShadowScorer(
+                submit=shadow_process.submit,
+                log_records=lambda records: self.predlog.log_shadow(records),
+                share=params.rollout.shadow_share,
+                queue_texts=params.rollout.shadow_queue_texts,
+                is_loaded=self.shadow_models.is_loaded,
+                on_scored=self.metrics.shadow_scored.inc,
+                on_dropped=self.metrics.shadow_drop,
+            ).start()
         self.pool = ModelPool(
             resolve=registry_resolver(settings.model_name),
-            load=registry_loader(
-                self.models.loader(
-                    device_setting=settings.device,
-                    gpu=settings.serve_gpu,
-                    max_length=params.evaluate.max_length,
-                    batch_size=BATCH_SIZE,
-                ),
-            ),
+            load=registry_loader(load_dir),
             # The model process warms each version up before it answers that it is loaded.
-            release=self.models.release,
+            release=release,
             default_canary_share=settings.canary_share,
             poll_seconds=settings.registry_poll_seconds,
             on_refresh=self._on_refresh,
@@ -130,7 +175,8 @@ class SentimentService:
         self.predlog = PredictionLog(
             settings.database_url, settings.home / "spool" / "predictions"
         ).start()
-        self._recent: OrderedDict[str, None] = OrderedDict()
+        # Request ids predicted here -> the label given for it (None: none yet).
+        self._recent: OrderedDict[str, str | None] = OrderedDict()
         log.info(
             "serving %s: champion v%s, challenger %s (share %.2f); registry checked every %.0f s",
             settings.model_name,
@@ -156,6 +202,10 @@ class SentimentService:
     @bentoml.on_shutdown
     def shutdown(self) -> None:
         self.pool.stop()
+        if self.shadow is not None:
+            self.shadow.close()
+        if self.shadow_process is not None:
+            self.shadow_process.close()
         self.models.close()
         stats = self.predlog.close()
         log.info(
@@ -164,9 +214,10 @@ class SentimentService:
             stats.spooled,
         )
 
-    def _remember(self, request_ids: list[str]) -> None:
+    def _remember(self, request_ids: list[str], label: str | None = None) -> None:
+        """Remember request ids that have a prediction, and the label given for them if any."""
         for rid in request_ids:
-            self._recent[rid] = None
+            self._recent[rid] = label
         while len(self._recent) > RECENT_IDS:
             self._recent.popitem(last=False)
 
@@ -181,6 +232,7 @@ class SentimentService:
         if state.champion is None:
             self.metrics.error("predict", 503, "no_model")
             return _error(
+                ctx,
                 503,
                 "no model is being served yet: the registry has no loadable "
                 "champion (see GET /model)",
@@ -204,7 +256,7 @@ class SentimentService:
                 log.exception("inference failed for %s", model.key)
                 self.metrics.error("predict", 500, "inference_failed")
                 self.metrics.inference_errors.labels(model_version=model.version).inc()
-                return _error(500, "the model failed on this request; it is logged")
+                return _error(ctx, 500, "the model failed on this request; it is logged")
             fresh = [tuple(float(p) for p in row) for row in probs]
             for i, row in zip(missing, fresh, strict=True):
                 scores[i] = row
@@ -244,26 +296,67 @@ class SentimentService:
         self.predlog.log_predictions(records)
         self._remember([r.request_id for r in records])
         self.metrics.latency.labels(endpoint="predict").observe(time.perf_counter() - started)
+        if self.shadow is not None:
+            # During a canary, maybe queue the texts for the other model; never waits or raises.
+            # Cache hits are shadowed too: the cache holds the served model's scores only, and
+            # a paired decision needs the other model's score on every labelled text.
+            self.shadow.offer(state, model, [r.request_id for r in records], texts)
         return PredictResponse(predictions=predictions, model_version=model.version)
 
     @bentoml.api(route="/feedback", input_spec=FeedbackRequest)
-    async def feedback(self, request_id: str, label: Label) -> FeedbackResponse:
-        """Report the true label of a logged prediction (feeds the quality monitoring)."""
+    async def feedback(
+        self, request_id: str, label: Label, ctx: bentoml.Context
+    ) -> FeedbackResponse:
+        """Report the true label of a logged prediction (feeds the quality monitoring).
+
+        The first label for a request id stands: the same one again is answered as before, a
+        different one gets 409. Each label records its source (the key's id, docs/serving.md).
+        """
         from ml.serving.records import FeedbackRecord
 
         started = time.perf_counter()
         known: bool | None = True
+        stored: str | None = None
         if request_id not in self._recent:
-            known = await asyncio.to_thread(self.predlog.has_prediction, request_id)
+            known, stored = await asyncio.to_thread(self._look_up, request_id)
         if known is False:
             self.metrics.error("feedback", 404, "unknown_request_id")
-            return _error(404, f"no prediction with request_id {request_id!r}")
-        self.predlog.log_feedback(FeedbackRecord(request_id=request_id, label=label))
+            return _error(
+                ctx,
+                404,
+                f"no prediction with request_id {request_id!r}: use a request_id "
+                "returned by /predict",
+            )
+        # No await from here on: of two labels racing for one id, the second sees the first.
+        stored = self._recent.get(request_id) or stored
+        if stored is not None and stored != label:
+            self.metrics.feedback_conflicts.inc()
+            self.metrics.error("feedback", 409, "label_conflict")
+            return _error(
+                ctx,
+                409,
+                f"request_id {request_id!r} already has the label {stored!r}; the first "
+                f"label stands, so {label!r} is not recorded",
+            )
+        if stored is None:
+            source = source_of(ctx.request)
+            self.predlog.log_feedback(
+                FeedbackRecord(request_id=request_id, label=label, source=source)
+            )
+            if known:
+                self._remember([request_id], label)
         self.metrics.latency.labels(endpoint="feedback").observe(time.perf_counter() - started)
-        # "queued": the database could not confirm the id right now; the label is kept anyway.
+        # "queued": the database could not confirm the id right now; the label is kept anyway
+        # (and set aside at write time if no prediction has that id).
         return FeedbackResponse(
             request_id=request_id, label=label, status="recorded" if known else "queued"
         )
+
+    def _look_up(self, request_id: str) -> tuple[bool | None, str | None]:
+        """For an id not in memory: whether it has a prediction (None: cannot tell) and its
+        label if one is recorded or waiting to be."""
+        known = self.predlog.has_prediction(request_id)
+        return known, (self.predlog.label_for(request_id) if known is not False else None)
 
     @admin_app.get("/model")
     def model_info(self) -> dict[str, Any]:
@@ -285,11 +378,34 @@ class SentimentService:
                 "written": stats.written,
                 "database_ok": stats.database_ok,
             },
+            "shadow": self._shadow_info(),
+        }
+
+    def _shadow_info(self) -> dict[str, Any]:
+        """Shadow scoring's budget and counts (in texts) for ``GET /model``."""
+        from ml.serving.shadow import canary_running
+
+        if self.shadow is None or self.shadow_process is None or self.shadow_models is None:
+            return {"enabled": False}
+        shadow = self.shadow.stats()
+        return {
+            "enabled": True,
+            "active": canary_running(self.pool.state),
+            "process_alive": self.shadow_process.alive,
+            "loaded": self.shadow_models.loaded(),
+            "share": shadow.share,
+            "max_queue_texts": shadow.max_queue_texts,
+            "queued_texts": shadow.queued_texts,
+            "shadowed": shadow.shadowed,
+            "dropped": shadow.dropped,
         }
 
     @admin_app.post("/admin/reload")
     def reload(self) -> dict[str, Any]:
-        """Check the registry now and swap in whatever the aliases point at."""
+        """Check the registry now and swap in whatever the aliases point at.
+
+        Needs a key with the ``admin`` role (the guard checks it); open when no keys are set.
+        """
         result = self.pool.refresh_now(force=True)
         return {**result.to_dict(), "state": self.pool.state.describe()}
 

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from ml.drift.features import compute_features, has_features
 from ml.drift.reference import champion_version
-from ml.params import LABELS, DriftParams
+from ml.label_policy import counted_mask
+from ml.params import LABELS, DriftParams, load_params
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -72,6 +73,7 @@ def load_window(
             predictions,
             feedback.c.label.label("true_label"),
             feedback.c.at.label("feedback_at"),
+            feedback.c.source.label("feedback_source"),
         )
         .select_from(
             predictions.outerjoin(feedback, predictions.c.request_id == feedback.c.request_id)
@@ -85,10 +87,15 @@ def load_window(
     with engine.connect() as conn:
         rows = conn.execute(query).mappings().all()
     columns = [c.name for c in predictions.columns] + ["true_label", "feedback_at"]
-    df = pd.DataFrame([dict(r) for r in rows], columns=columns)
+    df = pd.DataFrame([dict(r) for r in rows], columns=[*columns, "feedback_source"])
     for col in ("at", "feedback_at"):
         df[col] = pd.to_datetime(df[col], utc=True)
-    return df
+    # Only labels the source policy counts judge quality (ml.label_policy).
+    labelled = df.index[df["true_label"].notna()]
+    order = df.loc[labelled].sort_values("feedback_at", kind="stable").index
+    keep, _ = counted_mask(df.loc[order, "feedback_source"].tolist(), load_params().labels)
+    df.loc[order[~keep], ["true_label", "feedback_at"]] = None
+    return df[columns]
 
 
 def _time_bound(df: pd.DataFrame, pick: Any) -> datetime | None:

@@ -1,8 +1,13 @@
 """Canary rollout: a challenger that passed the offline gate serves a share of live traffic, and
 is promoted or removed on the evidence of that traffic (:mod:`ml.lifecycle.evidence`).
 
-A challenger is rolled back as soon as it is *clearly* worse, without waiting for the full
-sample, and promoted only once enough labels show it is not worse. See ``docs/lifecycle.md``.
+Label-free guardrails (errors, latency, confidence, and how often the two models disagree on
+shadow-scored requests) can remove it at once. Otherwise a sequential test on the per-label
+differences decides (:mod:`ml.lifecycle.sequential`): promote once the challenger is shown not
+worse than the champion by more than ``rollout.margin``, roll back once it is shown worse, and
+keep the champion when ``rollout.max_labels`` or ``rollout.max_hours`` runs out first. Its
+error rates hold however often ``canary_rollout`` looks (benchmarks/results/canary_power.md).
+See ``docs/lifecycle.md``.
 """
 
 from __future__ import annotations
@@ -12,12 +17,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+
 from ml import registry
-from ml.lifecycle.evidence import VersionStats, version_stats, worse_p_value
+from ml.label_policy import SourceCount
+from ml.lifecycle import sequential
+from ml.lifecycle.evidence import CanaryLabels, VersionStats, canary_labels, version_stats
 from ml.lifecycle.loop import nothing_to_judge
 from ml.lifecycle.metrics import emit_metric
 from ml.lifecycle.outcomes import CANARY_OUTCOMES, CanaryAction, CanaryOutcome
-from ml.params import RolloutParams, load_params
+from ml.params import LabelParams, RolloutParams, load_params
 from ml.registry import AuditAction
 
 log = logging.getLogger(__name__)
@@ -25,20 +34,27 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CanaryDecision:
-    """``promote``, ``rollback`` or ``wait``, with the evidence that decided it."""
+    """``promote``, ``rollback`` or ``wait``, with the evidence that decided it.
+
+    ``test`` is the sequential test's state (statistic: the two log-wealths and the mean
+    difference; bound: ``log(1/alpha)``) and ``labels`` which labels it used (paired, unpaired,
+    per source); both go into the audit row of the alias move.
+    """
 
     action: CanaryAction
     reason: str
     champion: VersionStats
     challenger: VersionStats
-    p_value: float | None = None
+    test: dict[str, Any] = field(default_factory=dict)
+    labels: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "action": str(self.action),
             "reason": self.reason,
-            "p_value": self.p_value,
+            "test": self.test,
+            "labels": self.labels,
             "champion": self.champion.to_dict(),
             "challenger": self.challenger.to_dict(),
             "checks": self.checks,
@@ -51,7 +67,8 @@ class CanaryDecision:
             reason=data["reason"],
             champion=VersionStats.from_dict(data["champion"]),
             challenger=VersionStats.from_dict(data["challenger"]),
-            p_value=data.get("p_value"),
+            test=dict(data.get("test") or {}),
+            labels=dict(data.get("labels") or {}),
             checks=dict(data.get("checks") or {}),
         )
 
@@ -72,18 +89,57 @@ class CanaryEvaluation:
         }
 
 
+NO_LABELS = CanaryLabels(
+    diffs=np.zeros(0), low=np.zeros(0), high=np.zeros(0), is_paired=np.zeros(0, dtype=bool),
+    paired=0, unpaired=0, sources=SourceCount(),
+)  # fmt: skip
+
+
 def decide_canary(
-    champion: VersionStats, challenger: VersionStats, params: RolloutParams
+    champion: VersionStats,
+    challenger: VersionStats,
+    params: RolloutParams,
+    labels: CanaryLabels = NO_LABELS,
+    hours: float = 0.0,
 ) -> CanaryDecision:
     """Apply the rollout rule to live evidence. Pure: no I/O.
 
-    Rollback at once if the challenger errs more, is much slower, loses its confidence, or is
-    significantly less accurate at the early (stricter) level; promote once both versions have
-    ``min_feedback`` labels and the challenger is not worse beyond ``max_accuracy_drop`` nor
-    significantly worse; otherwise wait for more traffic.
+    The guardrails first (any of them rolls back at once), then the sequential test on
+    ``labels``; ``hours`` is how long the canary has run.
     """
-    p = worse_p_value(challenger, champion)
-    checks: dict[str, Any] = {"p_value_worse": p}
+
+    def verdict_on(mask: Any = slice(None)) -> sequential.SequentialVerdict:
+        return sequential.decide(
+            labels.diffs[mask],
+            margin=params.margin,
+            alpha=params.alpha,
+            low=labels.low[mask],
+            high=labels.high[mask],
+            max_labels=params.max_labels,
+            kinds=(~labels.is_paired[mask]).astype(int),
+        )
+
+    verdict = verdict_on()
+    # No decision rests on one source: each way must also be shown with any one source left out.
+    without = {source: verdict_on(mask) for source, mask in labels.holdouts.items()}
+    shown_worse = verdict.log_wealth_worse >= verdict.bound and all(
+        v.log_wealth_worse >= v.bound for v in without.values()
+    )
+    shown_not_worse = verdict.log_wealth_not_worse >= verdict.bound and all(
+        v.log_wealth_not_worse >= v.bound for v in without.values()
+    )
+    test = {
+        **verdict.to_dict(),
+        "margin": params.margin,
+        "alpha": params.alpha,
+        "hours": hours,
+        "without_source": {
+            source: {"log_wealth_worse": v.log_wealth_worse,
+                     "log_wealth_not_worse": v.log_wealth_not_worse}
+            for source, v in without.items()
+        },
+    }  # fmt: skip
+    checks: dict[str, Any] = {}
 
     def decision(action: CanaryAction, reason: str) -> CanaryDecision:
         return CanaryDecision(
@@ -91,7 +147,8 @@ def decide_canary(
             reason=reason,
             champion=champion,
             challenger=challenger,
-            p_value=p,
+            test=test,
+            labels=labels.summary(),
             checks=checks,
         )
 
@@ -124,48 +181,52 @@ def decide_canary(
                     f"{challenger.mean_confidence:.2f} vs champion "
                     f"{champion.mean_confidence:.2f}: clearly worse",
                 )
-    if (
-        p is not None
-        and challenger.feedback >= params.min_feedback_early
-        and p < params.early_alpha
-    ):
+    if labels.shadowed >= params.min_shadowed and labels.disagreement is not None:
+        checks["disagreement_rate"] = labels.disagreement
+        if labels.disagreement > params.max_disagreement:
+            return decision(
+                CanaryAction.ROLLBACK,
+                f"the two models disagree on {labels.disagreement:.1%} of "
+                f"{labels.shadowed} shadow-scored requests (> {params.max_disagreement:.0%})",
+            )
+    used = (
+        f"{verdict.labels} labels ({labels.paired} paired, {labels.unpaired} unpaired), "
+        f"mean difference {verdict.mean:+.3f}"
+    )
+    if shown_worse:
         return decision(
             CanaryAction.ROLLBACK,
-            f"challenger accuracy {challenger.accuracy:.3f} on "
-            f"{challenger.feedback} labels is significantly below the champion's "
-            f"{champion.accuracy:.3f} (p={p:.4f} < {params.early_alpha})",
+            f"challenger v{challenger.version} shown less accurate than champion "
+            f"v{champion.version}: {used}; evidence {verdict.log_wealth_worse:.2f} >= "
+            f"log(1/alpha) = {verdict.bound:.2f}",
         )
-    if challenger.feedback >= params.min_feedback and champion.feedback >= params.min_feedback:
-        assert challenger.accuracy is not None and champion.accuracy is not None
-        drop = champion.accuracy - challenger.accuracy
-        checks["accuracy_drop"] = drop
-        if p is not None and p < params.alpha:
-            return decision(
-                CanaryAction.ROLLBACK,
-                f"challenger accuracy {challenger.accuracy:.3f} is "
-                f"significantly below the champion's {champion.accuracy:.3f} "
-                f"(p={p:.4f} < {params.alpha})",
-            )
-        if drop <= params.max_accuracy_drop:
-            return decision(
-                CanaryAction.PROMOTE,
-                f"challenger accuracy {challenger.accuracy:.3f} vs "
-                f"champion {champion.accuracy:.3f} on {challenger.feedback}/"
-                f"{champion.feedback} labels: not worse (drop {drop:+.3f} <= "
-                f"{params.max_accuracy_drop}), no error or latency regression",
-            )
-        if challenger.feedback >= params.max_feedback:
-            return decision(
-                CanaryAction.ROLLBACK,
-                f"challenger accuracy stays {drop:.3f} below the "
-                f"champion's after {challenger.feedback} labels",
-            )
+    if shown_not_worse:
+        return decision(
+            CanaryAction.PROMOTE,
+            f"challenger v{challenger.version} shown not worse than champion "
+            f"v{champion.version} by more than {params.margin}: {used}; evidence "
+            f"{verdict.log_wealth_not_worse:.2f} >= log(1/alpha) = {verdict.bound:.2f}; "
+            "no error, latency or disagreement regression",
+        )
+    if verdict.labels >= params.max_labels or hours >= params.max_hours:
+        spent = (
+            f"{verdict.labels} labels (max_labels {params.max_labels})"
+            if verdict.labels >= params.max_labels
+            else f"{hours:.1f} h on canary (max_hours {params.max_hours:g})"
+        )
+        return decision(
+            CanaryAction.ROLLBACK,
+            f"undecided after {spent}: keeping champion v{champion.version}; {used}",
+        )
+    one_source = (
+        " (reached only with one source's labels: each decision must hold without any one)"
+        if max(verdict.log_wealth_worse, verdict.log_wealth_not_worse) >= verdict.bound
+        else ""
+    )
     return decision(
         CanaryAction.WAIT,
-        f"not enough evidence yet: challenger {challenger.predictions} "
-        f"predictions/{challenger.feedback} labels, champion "
-        f"{champion.predictions}/{champion.feedback} (need {params.min_feedback} "
-        "labels each)",
+        f"not decided yet: {used}; evidence worse {verdict.log_wealth_worse:.2f}, not worse "
+        f"{verdict.log_wealth_not_worse:.2f}, either must reach {verdict.bound:.2f}{one_source}",
     )
 
 
@@ -195,18 +256,32 @@ def canary_in_progress() -> registry.ModelVersionInfo | None:
 
 
 def judge_canary(
-    *, errors: dict[str, int] | None = None, params: RolloutParams | None = None
+    *,
+    errors: dict[str, int] | None = None,
+    params: RolloutParams | None = None,
+    policy: LabelParams | None = None,
 ) -> CanaryDecision | None:
     """The canary rule's decision on the live canary; None when no canary is live. Changes
     nothing: :func:`promote_canary` / :func:`roll_back_canary` act on it."""
-    params = params or load_params().rollout
+    if params is None or policy is None:
+        loaded = load_params()
+        params = params or loaded.rollout
+        policy = policy or loaded.labels
     challenger = canary_in_progress()
     champion = registry.get_alias(registry.CHAMPION)
     if challenger is None or champion is None:
         return None
     since = datetime.fromisoformat(challenger.tags[registry.CANARY_STARTED_TAG])
-    stats = version_stats(since, [champion.version, challenger.version], errors)
-    decision = decide_canary(stats[champion.version], stats[challenger.version], params)
+    share = float(challenger.tags.get(registry.CANARY_SHARE_TAG) or params.canary_share)
+    versions = [champion.version, challenger.version]
+    stats = version_stats(since, versions, errors, policy)
+    labels = canary_labels(
+        since, champion.version, challenger.version, min(max(share, 0.01), 0.99), policy
+    )
+    hours = (datetime.now(tz=UTC) - since).total_seconds() / 3600
+    decision = decide_canary(
+        stats[champion.version], stats[challenger.version], params, labels, hours
+    )
     log.info(
         "canary v%s vs champion v%s: %s (%s)",
         challenger.version,

@@ -1,17 +1,22 @@
 """Live evidence per model version, from the prediction log (``predictions`` joined with
-``feedback``): volume, latency, confidence, errors and accuracy on the requests whose true label
-came back, and the one-sided Fisher exact test that compares two versions' accuracy.
+``feedback`` and ``shadow_predictions``): volume, latency, confidence, errors and accuracy on the
+requests whose true label came back; the per-label differences a canary is decided on (paired
+when both models scored the text); and the one-sided Fisher exact test that compares two
+versions' accuracy. Labels count only as the source policy allows (:mod:`ml.label_policy`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import sqlalchemy as sa
 
-from ml.db import feedback, get_engine, predictions
+from ml.db import feedback, get_engine, predictions, shadow_predictions
+from ml.label_policy import SourceCount, counted_mask, holdouts
+from ml.params import LabelParams, load_params
 from ml.settings import get_settings
 
 
@@ -26,6 +31,15 @@ class VersionStats:
     correct: int = 0
     mean_confidence: float | None = None
     p95_latency_ms: float | None = None
+    by_source: dict[str, list[int]] = field(default_factory=dict)  # source: [labels, correct]
+
+    def without(self, source: str) -> VersionStats:
+        """The same evidence with one source's labels left out."""
+        labels, correct = self.by_source.get(source, [0, 0])
+        rest = {s: v for s, v in self.by_source.items() if s != source}
+        return replace(
+            self, feedback=self.feedback - labels, correct=self.correct - correct, by_source=rest
+        )
 
     @property
     def accuracy(self) -> float | None:
@@ -59,9 +73,17 @@ def worse_p_value(challenger: VersionStats, champion: VersionStats) -> float | N
 
 
 def version_stats(
-    since: datetime, versions: list[str], errors: dict[str, int] | None = None
+    since: datetime,
+    versions: list[str],
+    errors: dict[str, int] | None = None,
+    policy: LabelParams | None = None,
 ) -> dict[str, VersionStats]:
-    """Per-version evidence from the prediction log since ``since``."""
+    """Per-version evidence from the prediction log since ``since``.
+
+    Labels count as ``policy`` (default ``labels:`` of params.yaml) allows, over all the
+    versions' labels together: one decision, one tally per source.
+    """
+    policy = policy or load_params().labels
     engine = get_engine(get_settings().database_url)
     p, f = predictions, feedback
     top = sa.func.greatest if engine.dialect.name == "postgresql" else sa.func.max
@@ -73,17 +95,27 @@ def version_stats(
             confidence.label("confidence"),
             p.c.label,
             f.c.label.label("truth"),
+            f.c.source,
         )
         .select_from(p.outerjoin(f, f.c.request_id == p.c.request_id))
         .where(p.c.at >= since, p.c.model_version.in_(versions))
+        .order_by(f.c.at, p.c.request_id)
     )
     with engine.connect() as conn:
         rows = conn.execute(query).all()
+    labelled_rows = [r for r in rows if r.truth is not None]
+    keep, _ = counted_mask([r.source for r in labelled_rows], policy)
+    counted = {id(r) for r, k in zip(labelled_rows, keep, strict=True) if k}
     out = {}
     for version in versions:
         mine = [r for r in rows if r.model_version == version]
         latencies = sorted(r.latency_ms for r in mine)
-        labelled = [r for r in mine if r.truth is not None]
+        labelled = [r for r in mine if id(r) in counted]
+        by_source: dict[str, list[int]] = {}
+        for r in labelled:
+            tally = by_source.setdefault(r.source, [0, 0])
+            tally[0] += 1
+            tally[1] += int(r.label == r.truth)
         out[version] = VersionStats(
             version=version,
             predictions=len(mine),
@@ -92,5 +124,114 @@ def version_stats(
             correct=sum(r.label == r.truth for r in labelled),
             mean_confidence=(sum(r.confidence for r in mine) / len(mine)) if mine else None,
             p95_latency_ms=latencies[int(0.95 * (len(latencies) - 1))] if latencies else None,
+            by_source=by_source,
         )
     return out
+
+
+@dataclass(frozen=True)
+class CanaryLabels:
+    """The per-label differences a canary is judged on, in the order the labels came.
+
+    ``diffs`` are challenger-minus-champion correctness: in ``{-1, 0, 1}`` for a paired label
+    (the other model scored the same text in shadow), importance-weighted from the model that
+    answered otherwise (:func:`ml.lifecycle.sequential.unpaired_diffs`). ``low``/``high`` bound
+    each value. ``shadowed``/``disagreed`` count every shadow-scored request (labelled or not)
+    and those on which the two models' labels differ. ``holdouts`` holds, per source, the mask
+    of the labels without it (:func:`ml.label_policy.holdouts`): a decision must hold on
+    each.
+    """
+
+    diffs: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    is_paired: np.ndarray
+    paired: int
+    unpaired: int
+    sources: SourceCount
+    shadowed: int = 0
+    disagreed: int = 0
+    holdouts: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def disagreement(self) -> float | None:
+        return self.disagreed / self.shadowed if self.shadowed else None
+
+    def summary(self) -> dict[str, Any]:
+        """What an audit row records about the labels (not the values themselves)."""
+        return {
+            "paired": self.paired,
+            "unpaired": self.unpaired,
+            "by_source": self.sources.to_dict(),
+            "shadowed_requests": self.shadowed,
+            "disagreement_rate": self.disagreement,
+        }
+
+
+def canary_labels(
+    since: datetime,
+    champion: str,
+    challenger: str,
+    share: float,
+    policy: LabelParams | None = None,
+) -> CanaryLabels:
+    """The canary's labelled evidence since ``since`` (see :class:`CanaryLabels`).
+
+    ``share`` is the challenger's traffic share, which weights the unpaired labels.
+    """
+    from ml.lifecycle.sequential import unpaired_diffs
+
+    policy = policy or load_params().labels
+    engine = get_engine(get_settings().database_url)
+    p, f, s = predictions, feedback, shadow_predictions
+    pair = [champion, challenger]
+    base = p.outerjoin(s, s.c.request_id == p.c.request_id)
+    scope = sa.and_(p.c.at >= since, p.c.model_version.in_(pair))
+    labelled = (
+        sa.select(
+            p.c.model_version,
+            p.c.label,
+            s.c.model_version.label("shadow_version"),
+            s.c.label.label("shadow_label"),
+            f.c.label.label("truth"),
+            f.c.source,
+        )
+        .select_from(base.join(f, f.c.request_id == p.c.request_id))
+        .where(scope)
+        .order_by(f.c.at, p.c.request_id)
+    )
+    shadow_counts = (
+        sa.select(sa.func.count(), sa.func.sum(sa.case((p.c.label != s.c.label, 1), else_=0)))
+        .select_from(p.join(s, s.c.request_id == p.c.request_id))
+        .where(scope, s.c.model_version.in_(pair), s.c.model_version != p.c.model_version)
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(labelled).all()
+        shadowed, disagreed = conn.execute(shadow_counts).one()
+    keep, tally = counted_mask([r.source for r in rows], policy)
+    rows = [r for r, k in zip(rows, keep, strict=True) if k]
+    is_paired = np.array(
+        [r.shadow_version in pair and r.shadow_version != r.model_version for r in rows],
+        dtype=bool,
+    )
+    by_challenger = np.array([r.model_version == challenger for r in rows], dtype=bool)
+    served_right = np.array([r.label == r.truth for r in rows], dtype=float)
+    shadow_right = np.array([r.shadow_label == r.truth for r in rows], dtype=float)
+    challenger_right = np.where(by_challenger, served_right, shadow_right)
+    champion_right = np.where(by_challenger, shadow_right, served_right)
+    weighted = unpaired_diffs(by_challenger, served_right, share) if rows else np.zeros(0)
+    diffs = np.where(is_paired, challenger_right - champion_right, weighted)
+    low = np.where(is_paired, -1.0, -1.0 / (1.0 - share))
+    high = np.where(is_paired, 1.0, 1.0 / share)
+    return CanaryLabels(
+        diffs=diffs.astype(float),
+        low=low.astype(float),
+        high=high.astype(float),
+        is_paired=is_paired,
+        paired=int(is_paired.sum()),
+        unpaired=int((~is_paired).sum()),
+        sources=tally,
+        shadowed=int(shadowed or 0),
+        disagreed=int(disagreed or 0),
+        holdouts=holdouts([r.source for r in rows], policy),
+    )

@@ -17,7 +17,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from ml.db import feedback, get_engine, predictions
-from ml.params import LABELS, Params, load_params
+from ml.label_policy import counted_mask
+from ml.params import LABELS, LabelParams, Params, load_params
 from ml.settings import REPO_ROOT, get_settings
 
 log = logging.getLogger(__name__)
@@ -38,23 +39,28 @@ class RecordedWindow:
         return {**out, "md5": self.md5} if self.path else {**out, "rejected": self.rejected}
 
 
-def labelled_window(since: datetime, until: datetime) -> Any:
+def labelled_window(since: datetime, until: datetime, policy: LabelParams | None = None) -> Any:
     """Production rows of the window that got a true label back (columns label, text).
 
+    Only labels the source policy counts (:mod:`ml.label_policy`) become training data.
     Ordered by text, then label: requests arrive in no fixed order, and the same labelled rows
     must make the same batch file (and so the same retrained model) whatever order they came in.
     """
     import pandas as pd
 
     query = (
-        sa.select(feedback.c.label, predictions.c.text)
+        sa.select(feedback.c.label, predictions.c.text, feedback.c.source)
         .select_from(predictions.join(feedback, feedback.c.request_id == predictions.c.request_id))
         .where(predictions.c.at >= since, predictions.c.at < until)
-        .order_by(predictions.c.text, feedback.c.label)
+        .order_by(feedback.c.at, feedback.c.request_id)
     )
     with get_engine(get_settings().database_url).connect() as conn:
         rows = conn.execute(query).all()
-    return pd.DataFrame(rows, columns=["label", "text"])
+    keep, tally = counted_mask([r.source for r in rows], policy or load_params().labels)
+    if not keep.all():
+        log.info("window %s..%s: labels per source %s", since, until, tally.to_dict())
+    table = pd.DataFrame([(r.label, r.text) for r in rows], columns=["label", "text"])[keep]
+    return table.sort_values(["text", "label"], kind="stable").reset_index(drop=True)
 
 
 QUARANTINE = "quarantine"  # sub-folder of the feedback folder for batches no retraining may use

@@ -20,7 +20,7 @@ from ml.lifecycle import feedback, lock
 from ml.lifecycle.evidence import version_stats, worse_p_value
 from ml.lifecycle.metrics import emit_metric
 from ml.lifecycle.outcomes import MonitorOutcome
-from ml.params import Params, load_params
+from ml.params import LabelParams, Params, load_params
 from ml.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -88,25 +88,37 @@ def nothing_to_judge(
     return None
 
 
-def champion_vs_previous(since: datetime | None = None) -> dict[str, Any] | None:
+def champion_vs_previous(
+    since: datetime | None = None, policy: LabelParams | None = None
+) -> dict[str, Any] | None:
     """Live feedback accuracy of the champion and of the champion before it.
 
     None when there is no previous champion or either has no labelled traffic. The previous
-    version's evidence comes from the time it served; the champion's from ``since`` on.
+    version's evidence comes from the time it served; the champion's from ``since`` on. Labels
+    count as ``policy`` (default ``labels:`` of params.yaml) allows.
     """
+    policy = policy or load_params().labels
     champion = registry.get_alias(registry.CHAMPION)
     previous = registry.previous_champion()
     if champion is None or previous is None:
         return None
     epoch = datetime(1970, 1, 1, tzinfo=UTC)
-    current = version_stats(since or epoch, [champion.version])[champion.version]
-    before = version_stats(epoch, [previous])[previous]
+    current = version_stats(since or epoch, [champion.version], policy=policy)[champion.version]
+    before = version_stats(epoch, [previous], policy=policy)[previous]
     if not current.feedback or not before.feedback:
         return None
+    # No rollback rests on one source: the drop must also be significant without any one.
+    sources = sorted(set(current.by_source) | set(before.by_source))
+    if policy.max_source_share >= 1:
+        sources = []
     return {
         "champion": current.to_dict(),
         "previous": before.to_dict(),
         "p_value_worse": worse_p_value(current, before),
+        "p_value_worse_without_source": {
+            source: worse_p_value(current.without(source), before.without(source))
+            for source in sources
+        },
     }
 
 
@@ -127,9 +139,11 @@ def decide(
     rollout = params.rollout
     if comparison and comparison.get("p_value_worse") is not None:
         ours, theirs = comparison["champion"], comparison["previous"]
+        without = (comparison.get("p_value_worse_without_source") or {}).values()
         if (
             ours["feedback"] >= rollout.min_feedback_early
             and comparison["p_value_worse"] < rollout.alpha
+            and all(p is not None and p < rollout.alpha for p in without)
         ):
             return LoopDecision(
                 outcome=MonitorOutcome.ROLLBACK,

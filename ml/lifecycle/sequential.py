@@ -41,27 +41,60 @@ class SequentialVerdict:
         }
 
 
-def log_wealth(x: np.ndarray, null_mean: float, low: float, prior_mean: float) -> np.ndarray:
+Bound = float | np.ndarray
+
+
+def _running_moments(
+    x: np.ndarray, prior_mean: float, mine: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of the observations before each step (only those where ``mine`` is
+    true, when given), one prior pseudo-observation at ``prior_mean`` included."""
+    take = np.ones(x.shape, dtype=bool) if mine is None else mine
+    values = np.where(take, x, 0.0)
+
+    def before(a: np.ndarray) -> np.ndarray:  # sum over the earlier steps
+        return np.cumsum(a, axis=-1) - a
+
+    count = 1.0 + before(take.astype(float))
+    means = (prior_mean + before(values)) / count
+    squares = (prior_mean**2 + before(values**2)) / count
+    return means, np.maximum(squares - means**2, 1e-4)
+
+
+def log_wealth(
+    x: np.ndarray,
+    null_mean: float,
+    low: Bound,
+    prior_mean: float,
+    kinds: np.ndarray | None = None,
+) -> np.ndarray:
     """Running log-wealth of betting against ``H0: E[x] <= null_mean`` for ``x >= low``.
 
     ``x`` may hold several independent streams (one per row); the bets run along the last axis.
+    ``low`` may differ per observation (paired and unpaired labels in one stream): it must be
+    known before the observation is, as whether a label is paired is.
 
     Each bet is aGRAPA's growth-rate step, ``(m - null) / (v + (m - null)**2)``, from the running
     mean ``m`` and variance ``v`` of the observations before it (one pseudo-observation at
     ``prior_mean`` starts them), clipped to ``[0, MAX_BET / (null_mean - low)]`` so that wealth
-    stays positive. Under H0 the wealth is a non-negative supermartingale: the chance that it
-    ever reaches ``1/alpha`` is at most ``alpha``.
+    stays positive. With ``kinds`` (an integer per observation, e.g. paired 0 / unpaired 1),
+    ``m`` and ``v`` come from the earlier observations of the same kind, so that noisy
+    importance-weighted labels do not shrink the bets on paired ones. Under H0 the wealth is a
+    non-negative supermartingale: the chance that it ever reaches ``1/alpha`` is at most
+    ``alpha``.
     """
     x = np.asarray(x, dtype=float)
-    n = x.shape[-1]
-    if n == 0:
+    if x.shape[-1] == 0:
         return np.zeros(x.shape)
-    count = np.arange(1, n + 1, dtype=float)  # observations before step i, plus the prior one
-    lead = np.full(x.shape[:-1] + (1,), prior_mean)
-    sums = np.concatenate([lead, prior_mean + np.cumsum(x, axis=-1)[..., :-1]], axis=-1)
-    squares = np.concatenate([lead**2, prior_mean**2 + np.cumsum(x**2, axis=-1)[..., :-1]], axis=-1)
-    means = sums / count
-    variances = np.maximum(squares / count - means**2, 1e-4)
+    if kinds is None:
+        means, variances = _running_moments(x, prior_mean)
+    else:
+        kinds = np.broadcast_to(np.asarray(kinds), x.shape)
+        means, variances = np.zeros(x.shape), np.zeros(x.shape)
+        for kind in np.unique(kinds):
+            mine = kinds == kind
+            m, v = _running_moments(x, prior_mean, mine)
+            means, variances = np.where(mine, m, means), np.where(mine, v, variances)
     edge = means - null_mean
     bets = np.clip(edge / (variances + edge**2), 0.0, MAX_BET / (null_mean - low))
     return np.cumsum(np.log1p(bets * (x - null_mean)), axis=-1)
@@ -72,9 +105,10 @@ def decide(
     *,
     margin: float,
     alpha: float,
-    low: float = -1.0,
-    high: float = 1.0,
+    low: Bound = -1.0,
+    high: Bound = 1.0,
     max_labels: int | None = None,
+    kinds: np.ndarray | None = None,
 ) -> SequentialVerdict:
     """Rollback once the challenger is shown worse, promote once it is shown not worse by more
     than ``margin``, keep the champion (rollback) at ``max_labels`` undecided, else wait.
@@ -82,10 +116,11 @@ def decide(
     ``diffs`` are per-label challenger-minus-champion correctness in ``[low, high]``: in
     ``{-1, 0, 1}`` when paired, importance-weighted when not (:func:`unpaired_diffs`). Each test
     compares its running maximum with ``log(1/alpha)``, which Ville's inequality allows.
+    ``kinds`` (paired 0, unpaired 1) keeps each kind's running moments apart (:func:`log_wealth`).
     """
     x = np.asarray(diffs, dtype=float)
     bound = math.log(1.0 / alpha)
-    worse, not_worse = wealth_paths(x, margin=margin, low=low, high=high)
+    worse, not_worse = wealth_paths(x, margin=margin, low=low, high=high, kinds=kinds)
     best_worse = float(worse.max()) if len(x) else 0.0
     best_not_worse = float(not_worse.max()) if len(x) else 0.0
     if best_worse >= bound:
@@ -107,15 +142,20 @@ def decide(
 
 
 def wealth_paths(
-    diffs: np.ndarray, *, margin: float, low: float = -1.0, high: float = 1.0
+    diffs: np.ndarray,
+    *,
+    margin: float,
+    low: Bound = -1.0,
+    high: Bound = 1.0,
+    kinds: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The two tests' running log-wealth: "worse" and "not worse by more than ``margin``".
 
     "Worse" bets against H0 ``E[d] >= 0`` (with ``-d``, starting from a prior at ``-margin``);
     "not worse" bets against H0 ``E[d] <= -margin`` (starting from a prior at 0).
     """
-    worse = log_wealth(-diffs, 0.0, -high, prior_mean=margin)
-    not_worse = log_wealth(diffs, -margin, low, prior_mean=0.0)
+    worse = log_wealth(-diffs, 0.0, -high, prior_mean=margin, kinds=kinds)
+    not_worse = log_wealth(diffs, -margin, low, prior_mean=0.0, kinds=kinds)
     return worse, not_worse
 
 

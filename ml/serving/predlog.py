@@ -19,14 +19,16 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from ml.db import feedback, get_engine, normalise_url, predictions
+from ml.db import feedback, get_engine, normalise_url, predictions, shadow_predictions
 from ml.serving.journal import Journal, count_lines
 from ml.serving.records import (
     FEEDBACK,
     PREDICTION,
+    SHADOW,
     FeedbackRecord,
     Item,
     PredictionRecord,
+    ShadowRecord,
     decode,
     encode,
 )
@@ -131,6 +133,10 @@ class PredictionLog:
         """Queue predictions for writing; never blocks on the database."""
         self._put((PREDICTION, r.to_row()) for r in records)
 
+    def log_shadow(self, records: Iterable[ShadowRecord]) -> None:
+        """Queue shadow predictions (the model that did not answer) for writing."""
+        self._put((SHADOW, r.to_row()) for r in records)
+
     def log_feedback(self, record: FeedbackRecord) -> None:
         """Queue one feedback row for writing; never blocks on the database."""
         self._put([(FEEDBACK, record.to_row())])
@@ -192,6 +198,26 @@ class PredictionLog:
             if request_id in path.read_text(encoding="utf-8"):
                 return True
         return False
+
+    def label_for(self, request_id: str) -> str | None:
+        """The label already recorded (or waiting to be) for this id; None if none is known.
+
+        None also when the database cannot be asked: the write then keeps the first label anyway
+        (:meth:`_insert`), so a later different one never replaces it.
+        """
+        with self._cond:
+            for kind, row in self._queue:
+                if kind == FEEDBACK and row["request_id"] == request_id:
+                    return str(row["label"])
+        try:
+            with self._engine().connect() as conn:
+                found = conn.execute(
+                    sa.select(feedback.c.label).where(feedback.c.request_id == request_id)
+                ).first()
+        except Exception as exc:  # noqa: BLE001 - any failure means "cannot tell"
+            log.debug("cannot look up the label of %s: %s", request_id, exc)
+            return None
+        return None if found is None else str(found[0])
 
     # ------------------------------------------------------------------ writer side
 
@@ -278,24 +304,49 @@ class PredictionLog:
 
     def _write(self, items: Sequence[Item]) -> None:
         preds = [row for kind, row in items if kind == PREDICTION]
+        shadows = [row for kind, row in items if kind == SHADOW]
         fb: dict[str, dict[str, Any]] = {}
         for kind, row in items:
             if kind == FEEDBACK:
-                fb[row["request_id"]] = row  # the latest label for an id wins
+                first = fb.get(row["request_id"])
+                if first is None or row["at"] < first["at"]:
+                    fb[row["request_id"]] = row  # the first label for an id stands
         rejected = 0
         try:
             with self._engine().begin() as conn:
-                self._insert(conn, preds, list(fb.values()))
+                orphans = self._insert(conn, preds, list(fb.values()), shadows)
         except Exception as exc:  # DBAPIError, or a value the driver refused (NUL in text)
             if _is_connectivity_error(exc):
                 raise
             log.warning("the database refused a batch (%s); writing its rows one by one", exc)
-            rejected = self._write_one_by_one(preds, list(fb.values()))
-        self._written += len(preds) + len(fb) - rejected
+            orphans = []
+            rejected = self._write_one_by_one(preds, list(fb.values()), shadows)
+        if orphans:
+            self._set_aside_orphans(orphans)
+        self._written += len(preds) + len(fb) + len(shadows) - rejected - len(orphans)
+
+    def _set_aside_orphans(self, orphans: list[dict[str, Any]]) -> None:
+        """Labels for request ids no prediction has: kept in ``rejected/``, never in the table."""
+        log.error(
+            "%d labels name request ids with no logged prediction; set aside in %s",
+            len(orphans),
+            self.rejected_dir,
+        )
+        self._rejected += len(orphans)
+        self._write_file(self.rejected_dir, [(FEEDBACK, row) for row in orphans])
 
     def _insert(
-        self, conn: Connection, preds: list[dict[str, Any]], fb: list[dict[str, Any]]
-    ) -> None:
+        self,
+        conn: Connection,
+        preds: list[dict[str, Any]],
+        fb: list[dict[str, Any]],
+        shadows: list[dict[str, Any]] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Insert the rows; return the feedback rows whose request id has no prediction.
+
+        Predictions go first, so a label written in the same batch as its prediction finds it.
+        A label for an id that already has one is dropped: the first label stands.
+        """
         from sqlalchemy.dialects import postgresql, sqlite
 
         dialect = conn.dialect.name
@@ -310,27 +361,58 @@ class PredictionLog:
             conn.execute(
                 insert(predictions).on_conflict_do_nothing(index_elements=["request_id"]), preds
             )
-        if fb:
-            stmt = insert(feedback)
+        if shadows:
             conn.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=["request_id"],
-                    set_={"label": stmt.excluded.label, "at": stmt.excluded.at},
-                    # A replayed journal or spool file may bring an older label after a newer one.
-                    where=feedback.c.at <= stmt.excluded.at,
-                ),
-                fb,
+                insert(shadow_predictions).on_conflict_do_nothing(index_elements=["request_id"]),
+                shadows,
             )
+        orphans: list[dict[str, Any]] = []
+        if fb:
+            ids = [row["request_id"] for row in fb]
+            known = {
+                rid
+                for (rid,) in conn.execute(
+                    sa.select(predictions.c.request_id).where(predictions.c.request_id.in_(ids))
+                )
+            }
+            orphans = [row for row in fb if row["request_id"] not in known]
+            rows = [row for row in fb if row["request_id"] in known]
+            if rows:
+                stmt = insert(feedback)
+                conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=["request_id"],
+                        set_={
+                            "label": stmt.excluded.label,
+                            "at": stmt.excluded.at,
+                            "source": stmt.excluded.source,
+                        },
+                        # The first label stands: only an earlier one (a replayed journal or
+                        # spool file can bring it after a later one) replaces the stored label.
+                        where=feedback.c.at > stmt.excluded.at,
+                    ),
+                    rows,
+                )
+        return orphans
 
-    def _write_one_by_one(self, preds: list[dict[str, Any]], fb: list[dict[str, Any]]) -> int:
+    def _write_one_by_one(
+        self, preds: list[dict[str, Any]], fb: list[dict[str, Any]], shadows: list[dict[str, Any]]
+    ) -> int:
         bad: list[Item] = []
-        for kind, row in [(PREDICTION, r) for r in preds] + [(FEEDBACK, r) for r in fb]:
+        items = (
+            [(PREDICTION, r) for r in preds]
+            + [(SHADOW, r) for r in shadows]
+            + [(FEEDBACK, r) for r in fb]
+        )
+        for kind, row in items:
             try:
                 with self._engine().begin() as conn:
                     if kind == PREDICTION:
                         self._insert(conn, [row], [])
-                    else:
-                        self._insert(conn, [], [row])
+                    elif kind == SHADOW:
+                        self._insert(conn, [], [], [row])
+                    elif self._insert(conn, [], [row]):
+                        bad.append((kind, row))  # no prediction has this id
             except Exception as exc:  # noqa: BLE001 - set aside, never lost
                 if _is_connectivity_error(exc):
                     raise

@@ -1,6 +1,7 @@
 """The rows of the prediction log and their JSON-lines form (journal and spool files).
 
-A row is ``(kind, columns)``: :data:`PREDICTION` or :data:`FEEDBACK`, then the table's columns.
+A row is ``(kind, columns)``: :data:`PREDICTION`, :data:`SHADOW` or :data:`FEEDBACK`, then the
+table's columns.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from ml.params import LABELS
 
 PREDICTION = "p"
+SHADOW = "s"
 FEEDBACK = "f"
 
 
@@ -53,15 +55,45 @@ class PredictionRecord:
 
 
 @dataclass(frozen=True)
+class ShadowRecord:
+    """The prediction of the model that did not answer a request (shadow scoring)."""
+
+    request_id: str  # the answered request's id
+    at: datetime
+    model_version: str
+    label: str
+    scores: tuple[float, ...]
+    latency_ms: float
+
+    def to_row(self) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "request_id": self.request_id,
+            "at": self.at,
+            "model_version": self.model_version,
+            "label": self.label,
+            "latency_ms": float(self.latency_ms),
+        }
+        for name, score in zip(LABELS, self.scores, strict=True):
+            row[f"score_{name}"] = float(score)
+        return row
+
+
+@dataclass(frozen=True)
 class FeedbackRecord:
-    """The true label a client reported for a logged prediction."""
+    """The true label a client reported for a logged prediction, and who reported it."""
 
     request_id: str
     label: str
+    source: str = "unknown"  # ml.serving.provenance: a key id or a client-address id
     at: datetime = field(default_factory=lambda: datetime.now(tz=UTC))
 
     def to_row(self) -> dict[str, Any]:
-        return {"request_id": self.request_id, "label": self.label, "at": self.at}
+        return {
+            "request_id": self.request_id,
+            "label": self.label,
+            "source": self.source,
+            "at": self.at,
+        }
 
 
 Item = tuple[str, dict[str, Any]]

@@ -2,7 +2,8 @@
 
 One text per request from several concurrent clients (as real applications call it), with a
 share of the true labels posted back as feedback, which the quality monitoring and the canary
-decision read. Bounded: every row is sent once, and each request has a timeout.
+decision read. The labels can come from several keys (several label sources, as the service
+records them). Bounded: every row is sent once, and each request has a timeout.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.params import LABELS
+from ml.serving.provenance import key_id
 from ml.training.data import read_table
 
 
@@ -32,6 +34,7 @@ class ReplaySummary:
     correct: int = 0
     seconds: float = 0.0
     by_version: dict[str, int] = field(default_factory=dict)
+    feedback_by_source: dict[str, int] = field(default_factory=dict)  # key id -> labels accepted
     errors: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -49,13 +52,21 @@ def replay(
     concurrency: int = 8,
     limit: int | None = None,
     api_key: str | None = None,
+    feedback_keys: list[str] | None = None,
     seed: int = 0,
     timeout: float = 30.0,
     progress: bool = False,
 ) -> ReplaySummary:
-    """Send each row's text to ``POST {url}/predict``; post feedback for ``feedback_share``."""
+    """Send each row's text to ``POST {url}/predict``; post feedback for ``feedback_share``.
+
+    Predictions go with ``api_key``. Labels go with it too, or, given ``feedback_keys``, each
+    with one of those keys picked at random (seeded), so the service sees several label sources;
+    the summary then counts the labels accepted per source id (never per key).
+    """
     import httpx
 
+    if feedback_keys is not None and not feedback_keys:
+        raise ValueError("feedback_keys is empty: give at least one key, or None for api_key")
     table = read_table(path)
     missing = {"label", "text"} - set(table.columns)
     if missing:
@@ -66,6 +77,10 @@ def replay(
     rows = list(table[["label", "text"]].itertuples(index=False, name=None))[:limit]
     rng = random.Random(seed)
     with_feedback = {i for i in range(len(rows)) if rng.random() < feedback_share}
+    # Drawn after with_feedback, so the same seed labels the same rows with or without keys.
+    label_key = (
+        {i: rng.choice(feedback_keys) for i in sorted(with_feedback)} if feedback_keys else {}
+    )
     headers = {"X-API-Key": api_key} if api_key else {}
     summary = ReplaySummary()
     lock = threading.Lock()
@@ -73,7 +88,7 @@ def replay(
 
     def one(i: int, client: httpx.Client) -> None:
         label, text = rows[i]
-        error, feedback_ok = None, None
+        error, feedback_ok, key = None, None, label_key.get(i)
         try:
             resp = client.post("/predict", json={"texts": [text]})
             if resp.status_code != 200:
@@ -83,7 +98,9 @@ def replay(
                 pred = body["predictions"][0]
                 if i in with_feedback:
                     fb = client.post(
-                        "/feedback", json={"request_id": pred["request_id"], "label": label}
+                        "/feedback",
+                        json={"request_id": pred["request_id"], "label": label},
+                        headers={"X-API-Key": key} if key else None,
                     )
                     feedback_ok = fb.status_code == 200
         except (httpx.HTTPError, ValueError, KeyError) as exc:
@@ -101,6 +118,11 @@ def replay(
                 if feedback_ok is not None:
                     summary.feedback_sent += feedback_ok
                     summary.feedback_failed += not feedback_ok
+                if feedback_ok and key:
+                    source = key_id(key)
+                    summary.feedback_by_source[source] = (
+                        summary.feedback_by_source.get(source, 0) + 1
+                    )
             if bar is not None:
                 bar.update(1)
 

@@ -65,6 +65,10 @@ class ModelProcess:
         threads: torch intra-op threads in the child (None: torch's default).
         on_batch: Called in this process with each run's :class:`BatchStats`.
         unload_grace_seconds: A released version stays loaded this long for requests in flight.
+        low_priority: Run the child at the lowest CPU priority (nice 19 and, on Linux,
+            ``SCHED_IDLE``), set before it starts any thread, and this side's reader thread at
+            nice 19: it then runs on CPU time nobody else wants (shadow scoring, docs/serving.md).
+        name: The child's process name.
     """
 
     def __init__(
@@ -75,13 +79,18 @@ class ModelProcess:
         threads: int | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
         unload_grace_seconds: float = 30.0,
+        low_priority: bool = False,
+        name: str = "driftloop-models",
     ) -> None:
         self.max_batch_size = max_batch_size
         self.max_latency_ms = max_latency_ms
         self.threads = threads
         self.on_batch = on_batch
         self.unload_grace_seconds = unload_grace_seconds
+        self.low_priority = low_priority
+        self.name = name
         self._pending: dict[int, Future[Any]] = {}
+        self._loads: dict[str, int] = {}  # model key -> loads finished (a release's generation)
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self._conn: Any = None
@@ -101,8 +110,9 @@ class ModelProcess:
         self._pending[0] = ready
         self._proc = ctx.Process(
             target=_model_process_main,
-            args=(theirs, self.max_batch_size, self.max_latency_ms, self.threads),
-            name="driftloop-models",
+            args=(theirs, self.max_batch_size, self.max_latency_ms, self.threads)
+            + (self.low_priority,),
+            name=self.name,
             daemon=True,
         )
         self._proc.start()
@@ -112,7 +122,11 @@ class ModelProcess:
         self._reader.start()
         ready.result(timeout)
         log.info(
-            "model process %d ready (%s torch threads)", self._proc.pid, self.threads or "default"
+            "%s process %d ready (%s torch threads%s)",
+            self.name,
+            self._proc.pid,
+            self.threads or "default",
+            ", lowest CPU priority" if self.low_priority else "",
         )
         return self
 
@@ -136,6 +150,8 @@ class ModelProcess:
         return future
 
     def _read(self) -> None:
+        if self.low_priority:
+            _lower_priority(idle=False)
         while True:
             try:
                 kind, rid, payload = self._conn.recv()
@@ -167,26 +183,46 @@ class ModelProcess:
                 future.set_exception(RuntimeError("the model process exited"))
         self._pending.clear()
 
-    def load_dir(
-        self, path: Path, info: Any, *, timeout: float = 600.0, **load_kwargs: Any
-    ) -> ModelHandle:
-        """Load ``path`` (a version described by ``info``) in the child; see
-        :func:`load_for_serving` for ``load_kwargs``. Raises :class:`ModelLoadError`."""
+    def start_load(self, path: Path, info: Any, **load_kwargs: Any) -> Future[ModelHandle]:
+        """Start loading ``path`` (a version described by ``info``) in the child, without
+        waiting; see :func:`load_for_serving` for ``load_kwargs``. The future fails with
+        :class:`ModelLoadError` when the version cannot be served."""
         kwargs = {
             "name": info.name,
             "version": str(info.version),
             "run_id": str(getattr(info, "run_id", "") or ""),
             **load_kwargs,
         }
-        facts = self._call("load", str(path), kwargs).result(timeout)
-        return ModelHandle(
-            name=kwargs["name"],
-            version=kwargs["version"],
-            device=facts["device"],
-            precision=facts["precision"],
-            run_id=kwargs["run_id"],
-            loaded_at=facts["loaded_at"],
-        )
+        handle: Future[ModelHandle] = Future()
+
+        def done(facts: Future[Any]) -> None:
+            exc = facts.exception()
+            if exc is not None:
+                handle.set_exception(exc)
+                return
+            result = facts.result()
+            key = model_key(kwargs["name"], kwargs["version"], kwargs["run_id"])
+            self._loads[key] = self._loads.get(key, 0) + 1
+            handle.set_result(
+                ModelHandle(
+                    name=kwargs["name"],
+                    version=kwargs["version"],
+                    device=result["device"],
+                    precision=result["precision"],
+                    run_id=kwargs["run_id"],
+                    loaded_at=result["loaded_at"],
+                )
+            )
+
+        self._call("load", str(path), kwargs).add_done_callback(done)
+        return handle
+
+    def load_dir(
+        self, path: Path, info: Any, *, timeout: float = 600.0, **load_kwargs: Any
+    ) -> ModelHandle:
+        """Load ``path`` in the child and wait (:meth:`start_load`). Raises
+        :class:`ModelLoadError`."""
+        return self.start_load(path, info, **load_kwargs).result(timeout)
 
     def loader(self, **load_kwargs: Any) -> Callable[[Path, Any], ModelHandle]:
         """A ``load_dir`` for :func:`registry_loader` that loads into the child."""
@@ -201,10 +237,15 @@ class ModelProcess:
 
     def release(self, model: ServedModel) -> None:
         """Free a version once requests that still name it have had time to finish."""
-        key = model.key
+        self.release_key(model.key)
+
+    def release_key(self, key: str) -> None:
+        """Free the version loaded under ``key`` after the grace period (:meth:`release`),
+        unless it was loaded again meanwhile (a rollback within the grace period)."""
+        generation = self._loads.get(key, 0)
 
         def unload() -> None:
-            if self.alive:
+            if self.alive and self._loads.get(key, 0) == generation:
                 self._call("unload", key)
 
         timer = threading.Timer(self.unload_grace_seconds, unload)
@@ -224,8 +265,24 @@ class ModelProcess:
         self._conn.close()
 
 
+def _lower_priority(*, idle: bool) -> None:
+    """Put the calling thread (and threads it starts later) at nice 19, and with ``idle`` in
+    Linux's ``SCHED_IDLE`` class, which runs only when a CPU has nothing else to do."""
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, 19)
+        if idle:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError) as exc:
+        log.warning("cannot lower the CPU priority of thread %d: %s", tid, exc)
+
+
 def _model_process_main(
-    conn: Any, max_batch_size: int, max_latency_ms: float, threads: int | None
+    conn: Any,
+    max_batch_size: int,
+    max_latency_ms: float,
+    threads: int | None,
+    low_priority: bool = False,
 ) -> None:
     """The child of :class:`ModelProcess`: load on request, batch and answer predictions.
 
@@ -234,6 +291,8 @@ def _model_process_main(
     """
     import signal
 
+    if low_priority:  # first, so that every thread started below (torch's too) inherits it
+        _lower_priority(idle=True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(
@@ -255,6 +314,7 @@ def _model_process_main(
         on_batch=lambda stats: send("batch", 0, stats),
     ).start()
     models: dict[str, ServingModel] = {}
+    load_lock = threading.Lock()
 
     def answer(rid: int) -> Callable[[Future[np.ndarray]], None]:
         def done(future: Future[np.ndarray]) -> None:
@@ -267,13 +327,17 @@ def _model_process_main(
         return done
 
     def load(rid: int, path: str, kwargs: dict[str, Any]) -> None:
-        try:  # loading must not take CPU from the batcher (Linux only)
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        try:  # loading must not take CPU from the batcher (Linux only); never raise a nice child
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, max(10, os.getpriority(os.PRIO_PROCESS, tid)))
         except (AttributeError, OSError):
             pass
         try:
-            model = load_for_serving(path, **kwargs)
-            batcher.predict(model, WARMUP_TEXTS, timeout=300)  # warm, queued behind traffic
+            # One load at a time: loads started without waiting (a shadow process's) would
+            # race in transformers' lazy imports and fight each other for the CPU.
+            with load_lock:
+                model = load_for_serving(path, **kwargs)
+                batcher.predict(model, WARMUP_TEXTS, timeout=300)  # warm, behind traffic
         except Exception as exc:  # noqa: BLE001 - the server decides what to do
             log.exception("cannot load %s", path)
             send("load_error", rid, str(exc))

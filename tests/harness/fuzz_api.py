@@ -24,10 +24,14 @@ The input rules come from the served document itself: the request types of
 :mod:`ml.serving.schemas` carry them (no unknown fields, one to ``DRIFTLOOP_MAX_TEXTS`` texts of
 at most ``DRIFTLOOP_MAX_CHARS`` characters, no blank text, a request id of
 ``[A-Za-z0-9_-]{1,64}``), with this deployment's limits. Only the guard's own answers (401, 403,
-413, 422, 429 with ``{"error": "..."}``) are added to it (:func:`guard_contract`): BentoML builds
-the document from the API methods and cannot know about the ASGI middleware in front. Without
-them ``status_code_conformance`` flags every 422 the guard rightly sends, and the content-type
-and schema checks skip those responses altogether.
+413, 422, 429 with ``{"error": "..."}``) are added to it (:func:`guard_contract`), and the 409
+``/feedback`` answers to a second, different label for a request id: BentoML builds the document
+from the API methods and cannot know about the ASGI middleware in front, nor about a status an
+endpoint answers itself. Without them ``status_code_conformance`` flags every 422 the guard
+rightly sends, and the content-type and schema checks skip those responses altogether.
+
+The key given should be a bare one (``predict`` and ``feedback`` roles): ``/admin/*`` then answers
+403 for the missing ``admin`` role, which the contract allows.
 
 ``positive_data_acceptance`` (a schema-valid body must get a 2xx) is left out: the guard is
 stricter than a JSON Schema says (a NUL character, an unknown but well-formed request id answers
@@ -62,10 +66,14 @@ BODY_EXCERPT = 160
 # The guard's answers, which the generated document does not list (see the module docstring).
 GUARD_STATUSES = {
     "401": "Missing X-API-Key header",
-    "403": "Invalid API key",
+    "403": "Invalid API key, or a key without the role this endpoint needs",
     "413": "Request body over the size limit",
     "422": "Well-formed JSON of the wrong shape",
     "429": "Rate limit exceeded",
+}
+# Answers an endpoint gives itself that BentoML's document does not list, by path.
+ENDPOINT_STATUSES = {
+    "/feedback": {"409": "A different label is already recorded for this request id"},
 }
 ERROR_BODY = {
     "type": "object",
@@ -203,7 +211,8 @@ def guard_contract(document: dict[str, Any]) -> dict[str, Any]:
             continue
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
-            for status, description in GUARD_STATUSES.items():
+            statuses = {**GUARD_STATUSES, **ENDPOINT_STATUSES.get(path, {})}
+            for status, description in statuses.items():
                 responses.setdefault(
                     status,
                     {
@@ -484,7 +493,8 @@ def _probes() -> list[Probe]:
         ("Content-Length not a number", "POST", "/predict", b'{"texts": ["a"]}',
          {"Content-Length": "abc"}, frozenset({200, 400, 413, 422})),
         ("GET on a POST endpoint", "GET", "/predict", None, {}, frozenset({405})),
-        ("unknown admin path", "POST", "/admin/nope", None, {}, frozenset({404, 405})),
+        # 403: a key without the admin role is refused before any route is looked up.
+        ("unknown admin path", "POST", "/admin/nope", None, {}, frozenset({403, 404, 405})),
         ("unknown path", "POST", "/nope", b"{}", {}, frozenset({404})),
     ]  # fmt: skip
 
@@ -499,14 +509,19 @@ def _send_probes(run: _Run, api_key: str | None) -> None:
             ("non-ASCII key", "POST", "/predict", b'{"texts": ["a"]}',
              {"X-API-Key": "\xff\xfe"}, frozenset({403})),
         ]  # fmt: skip
-    # A real prediction, then feedback on its request id: the one path to "recorded" that
-    # generated request ids cannot reach.
+    # A real prediction, then feedback on its request id: the one path to "recorded" (and to a
+    # second label, the same: 200, or another: 409) that generated request ids cannot reach.
     predicted = _probe(run, "real prediction", "POST", "/predict", b'{"texts": ["so good"]}',
                        key_headers, frozenset({200}))  # fmt: skip
     if predicted is not None and predicted.status_code == 200:
         rid = predicted.json()["predictions"][0]["request_id"]
-        body = json.dumps({"request_id": rid, "label": "positive"}).encode()
-        _probe(run, "feedback on it", "POST", "/feedback", body, key_headers, frozenset({200}))
+        for name, label, expected in [
+            ("feedback on it", "positive", 200),
+            ("the same label again", "positive", 200),
+            ("a different label", "negative", 409),
+        ]:
+            body = json.dumps({"request_id": rid, "label": label}).encode()
+            _probe(run, name, "POST", "/feedback", body, key_headers, frozenset({expected}))
     for name, method, path, data, headers, expected in probes:
         _probe(run, name, method, path, data, {**key_headers, **headers}, expected)
 

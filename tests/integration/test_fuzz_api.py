@@ -44,6 +44,7 @@ def test_guard_contract_documents_the_guard_and_leaves_the_bodies_as_served() ->
                     "requestBody": {"content": {"application/json": {"schema": body}}},
                 }
             },
+            "/feedback": {"post": {"responses": {"200": {"description": "ok"}}}},
             "/model": {"get": {"responses": {"200": {"description": "ok"}}}},
             "/admin/reload": {"post": {"responses": {"200": {"description": "ok"}}}},
         }
@@ -52,6 +53,8 @@ def test_guard_contract_documents_the_guard_and_leaves_the_bodies_as_served() ->
     predict = extended["paths"]["/predict"]["post"]
     assert {"200", "401", "403", "413", "422", "429"} <= set(predict["responses"])
     assert predict["requestBody"]["content"]["application/json"]["schema"] == body
+    assert "409" in extended["paths"]["/feedback"]["post"]["responses"]  # a second label
+    assert "409" not in predict["responses"]
     assert set(extended["paths"]["/admin/reload"]["post"]["responses"]) >= {"401", "403"}
     assert set(extended["paths"]["/model"]["get"]["responses"]) == {"200"}  # open endpoint
     assert "401" not in document["paths"]["/predict"]["post"]["responses"]  # served doc unchanged

@@ -92,21 +92,29 @@ def test_rows_are_written_in_batches_and_never_twice(tmp_path: Path) -> None:
     assert row["model_version"] == "1" and row["latency_ms"] == pytest.approx(3.5)
 
 
-def test_feedback_keeps_the_latest_label(tmp_path: Path) -> None:
+def test_the_first_label_stands_and_orphan_labels_are_set_aside(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'log.db'}"
     log = PredictionLog(url, tmp_path / "spool").start()
     (rec,) = records(1)
     log.log_predictions([rec])
-    log.log_feedback(FeedbackRecord(rec.request_id, "negative"))
-    log.log_feedback(FeedbackRecord(rec.request_id, "positive"))
+    log.log_feedback(FeedbackRecord(rec.request_id, "negative", source="k-one"))
+    log.log_feedback(FeedbackRecord(rec.request_id, "positive", source="k-two"))
+    log.log_feedback(FeedbackRecord("e" * 32, "positive", source="k-two"))  # no such prediction
     assert log.flush(timeout=30)
+    assert log.label_for(rec.request_id) == "negative"
     log.log_feedback(FeedbackRecord(rec.request_id, "neutral"))
-    log.close()
+    stats = log.close()
     with get_engine(url).connect() as conn:
-        rows = conn.execute(sa.select(feedback.c.request_id, feedback.c.label)).all()
-    assert [tuple(r) for r in rows] == [(rec.request_id, "neutral")]
+        rows = conn.execute(
+            sa.select(feedback.c.request_id, feedback.c.label, feedback.c.source)
+        ).all()
+    assert [tuple(r) for r in rows] == [(rec.request_id, "negative", "k-one")]
+    assert stats.rejected == 1
+    (kept,) = (tmp_path / "spool" / "rejected").glob("*.jsonl")
+    assert "e" * 32 in kept.read_text()
     assert log.has_prediction(rec.request_id) is True
     assert log.has_prediction("f" * 32) is False
+    assert log.label_for("f" * 32) is None
 
 
 def test_an_unreachable_database_spools_and_a_new_process_writes_the_spool(tmp_path: Path) -> None:
@@ -207,7 +215,7 @@ def test_postgres_outage_loses_and_doubles_nothing(
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_an_older_feedback_label_never_overwrites_a_newer_one(
+def test_the_earliest_feedback_label_stands_whatever_order_it_is_written_in(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """A replayed journal or spool file can bring an old label after a newer one is written."""
@@ -223,10 +231,10 @@ def test_an_older_feedback_label_never_overwrites_a_newer_one(
     assert log.flush(timeout=30)
     log.log_feedback(FeedbackRecord(rec.request_id, "negative", at=now - timedelta(minutes=5)))
     assert log.flush(timeout=30)
-    assert labels_in(url) == {rec.request_id: "positive"}
+    assert labels_in(url) == {rec.request_id: "negative"}  # the earlier label was the first
     log.log_feedback(FeedbackRecord(rec.request_id, "neutral", at=now + timedelta(seconds=1)))
     log.close()
-    assert labels_in(url) == {rec.request_id: "neutral"}
+    assert labels_in(url) == {rec.request_id: "negative"}
 
 
 # ------------------------------------------------------------------------------- the journal

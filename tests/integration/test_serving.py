@@ -27,13 +27,26 @@ import sqlalchemy as sa
 
 from ml.params import LABELS
 from ml.serving.launch import serve_argv
+from ml.serving.provenance import key_id
 from scripts.procs import free_port, terminate_group
 from tests.harness.servers import PrivateServices, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-KEYS = ("k-main", "k-swap", "k-canary", "k-rate", "k-redis", "k-pg")
+# Each key and its roles (DRIFTLOOP_API_KEYS entries; a bare key has predict and feedback).
+KEY_ROLES = {
+    "k-main": "predict+feedback+admin",
+    "k-swap": "",
+    "k-canary": "predict+admin",
+    "k-rate": "",
+    "k-redis": "",
+    "k-pg": "",
+    "k-predict": "predict",
+    "k-labels": "feedback",
+    "k-labels-2": "feedback",
+}
+KEYS = tuple(KEY_ROLES)
 RATE_LIMIT = 400
 POLL_SECONDS = 1.0
 
@@ -108,7 +121,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
             server_env = {
                 **os.environ,
                 **env,
-                "DRIFTLOOP_API_KEYS": ",".join(KEYS),
+                "DRIFTLOOP_API_KEYS": ",".join(
+                    f"{key}:{roles}" if roles else key for key, roles in KEY_ROLES.items()
+                ),
                 "DRIFTLOOP_REGISTRY_POLL": str(POLL_SECONDS),
                 "DRIFTLOOP_RATE_LIMIT": str(RATE_LIMIT),
                 "BENTOML_HOME": str(work / "bentoml"),
@@ -221,6 +236,7 @@ def test_predictions_and_feedback_land_in_postgres(stack: Stack) -> None:
     )
     fb = wait_for(lambda: pg_rows(stack, "feedback", ids[:1]), 30, "the feedback row")
     assert fb[0]["label"] == "negative"
+    assert fb[0]["source"] == key_id("k-main")  # an id for the key, never the key
 
 
 # ------------------------------------------------------------------------------ auth and input
@@ -244,6 +260,67 @@ def test_keys_are_required_where_it_matters(
     assert missing.status_code == 401 and "X-API-Key" in missing.json()["error"]
     assert wrong.status_code == 403 and "invalid API key" in wrong.json()["error"]
     assert httpx.get(f"{stack.url}/healthz").status_code == 200
+
+
+# ------------------------------------------------------------------------ labels with provenance
+
+
+def _metric(stack: Stack, name: str) -> float:
+    """A label-less counter's value from /metrics (0 before it is first seen)."""
+    found = re.search(rf"^{name} ([0-9.e+]+)$", httpx.get(f"{stack.url}/metrics").text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.mark.parametrize(
+    ("key", "path", "role"),
+    [
+        ("k-predict", "/feedback", "feedback"),
+        ("k-labels", "/predict", "predict"),
+        ("k-swap", "/admin/reload", "admin"),  # a bare key: predict and feedback only
+        ("k-predict", "/admin/reload", "admin"),
+    ],
+)
+def test_a_key_without_the_role_gets_403_naming_it(
+    stack: Stack, key: str, path: str, role: str
+) -> None:
+    body = {
+        "/predict": {"texts": ["x"]},
+        "/feedback": {"request_id": "a" * 32, "label": "neutral"},
+        "/admin/reload": None,
+    }[path]
+    with stack.client(key=key) as client:
+        resp = client.post(path, json=body)
+    assert resp.status_code == 403, resp.text
+    assert f"this API key lacks the '{role}' role needed for" in resp.json()["error"]
+    assert key not in resp.text
+
+
+def test_labels_record_their_source_and_the_first_label_stands(stack: Stack) -> None:
+    with stack.client(key="k-predict") as client:
+        resp = client.post("/predict", json={"texts": ["who labelled me?"]})
+    rid = resp.json()["predictions"][0]["request_id"]
+    conflicts = _metric(stack, "driftloop_feedback_conflicts_total")
+    with stack.client(key="k-labels") as labels, stack.client(key="k-labels-2") as other:
+        first = labels.post("/feedback", json={"request_id": rid, "label": "negative"})
+        again = labels.post("/feedback", json={"request_id": rid, "label": "negative"})
+        different = other.post("/feedback", json={"request_id": rid, "label": "positive"})
+        agreeing = other.post("/feedback", json={"request_id": rid, "label": "negative"})
+        unknown = labels.post("/feedback", json={"request_id": "b" * 32, "label": "neutral"})
+    assert first.status_code == 200 and first.json()["status"] == "recorded", first.text
+    assert again.status_code == 200 and again.json() == first.json()  # idempotent
+    assert different.status_code == 409, different.text
+    assert "already has the label 'negative'" in different.json()["error"]
+    assert agreeing.status_code == 200
+    assert unknown.status_code == 404 and "no prediction" in unknown.json()["error"]
+    assert _metric(stack, "driftloop_feedback_conflicts_total") == conflicts + 1
+    metrics = httpx.get(f"{stack.url}/metrics").text
+    assert re.search(
+        r'driftloop_errors_total{.*reason="label_conflict".*status="409".*} [1-9]', metrics
+    )
+    rows = wait_for(lambda: pg_rows(stack, "feedback", [rid]), 30, "the feedback row")
+    assert len(rows) == 1
+    assert (rows[0]["label"], rows[0]["source"]) == ("negative", key_id("k-labels"))
+    assert not any(key in str(rows[0]) for key in KEYS)
 
 
 BAD_INPUTS = [
@@ -498,6 +575,11 @@ def test_a_database_outage_loses_no_prediction(stack: Stack) -> None:
             labelled = sent[-1]
             feedback = client.post("/feedback", json={"request_id": labelled, "label": "positive"})
             assert feedback.status_code == 200, feedback.text
+            assert feedback.json()["status"] == "recorded"  # predicted here: known in memory
+            # An id the service cannot check now: queued, then set aside once it can (no row).
+            orphan = "c" * 32
+            queued = client.post("/feedback", json={"request_id": orphan, "label": "neutral"})
+            assert queued.status_code == 200 and queued.json()["status"] == "queued", queued.text
         finally:
             stack.services.run("start-postgres")
         for i in range(5):
@@ -514,3 +596,7 @@ def test_a_database_outage_loses_no_prediction(stack: Stack) -> None:
     rows = pg_rows(stack, "predictions", sent)
     assert len(rows) == len(set(sent)) == len(sent) == 78
     assert pg_rows(stack, "feedback", [labelled])[0]["label"] == "positive"
+    assert pg_rows(stack, "feedback", [orphan]) == []
+    with stack.client(key="k-pg") as client:  # the log can be read again: unknown is 404
+        late = client.post("/feedback", json={"request_id": orphan, "label": "neutral"})
+    assert late.status_code == 404, late.text

@@ -25,7 +25,9 @@ GOOD: dict[str, Any] = {
         {"step": "same-period traffic", "outcome": "no_drift"},
         {"step": "2016 traffic", "outcome": "retrain"},
         {"step": "retraining", "state": "success", "outcome": "canary_started"},
-        {"step": "canary", "outcome": "canary_promoted"},
+        {"step": "canary", "outcome": "canary_promoted",
+         "evidence": {"test": {"log_wealth_not_worse": 3.4, "bound": 3.0},
+                      "labels": {"paired": 420, "unpaired": 12}}},
         {"step": "damaged model, offline gate", "outcome": "kept_champion"},
         {"step": "damaged model, canary", "outcome": "canary_rolled_back"},
     ],
@@ -58,7 +60,7 @@ def run_check(tmp_path: Path, summary: dict[str, Any], capsys) -> tuple[int, str
 def test_a_good_summary_passes(tmp_path: Path, capsys) -> None:
     rc, out = run_check(tmp_path, GOOD, capsys)
     assert rc == 0, out
-    assert out.count("\nok  ") == len(check_demo.EXPECTED_STEPS) + 2  # + failed tries, failed runs
+    assert out.count("\nok  ") == len(check_demo.EXPECTED_STEPS) + 3  # + canary evidence, tries, runs
     assert "FAIL" not in out and out.rstrip().endswith("demo check: passed")
     assert "expected canary_rolled_back" in out and "seen canary_rolled_back" in out
 
@@ -90,6 +92,11 @@ def test_a_failed_try_fails_even_when_every_outcome_is_right(tmp_path: Path, cap
         pytest.param(lambda s: s.pop("runs"), id="runs not recorded"),
         pytest.param(lambda s: s["runs"][1].update(state="failed"), id="a failed run"),
         pytest.param(lambda s: s["steps"].pop(4), id="a step missing"),
+        pytest.param(lambda s: s["steps"][4].pop("evidence"), id="canary without evidence"),
+        pytest.param(lambda s: s["steps"][4]["evidence"]["labels"].update(paired=0),
+                     id="canary decided without paired labels"),
+        pytest.param(lambda s: s["steps"][4]["evidence"]["test"].update(log_wealth_not_worse=1),
+                     id="canary promoted below the bound"),
         pytest.param(lambda s: s["steps"].reverse(), id="steps out of order"),
         pytest.param(lambda s: s["steps"].append({"step": "x", "outcome": "y"}), id="extra"),
         pytest.param(lambda s: s.update(error="RuntimeError: boom"), id="the demo stopped"),

@@ -261,7 +261,8 @@ def _log_window(url: str, df: pd.DataFrame, start: datetime, version: str) -> No
         )
         if isinstance(row.true_label, str):
             fb.append(
-                {"request_id": rid, "at": start + timedelta(seconds=i + 1), "label": row.true_label}
+                {"request_id": rid, "at": start + timedelta(seconds=i + 1), "label": row.true_label,
+                 "source": f"k-{i % 5}"}  # five labellers: max_source_share 0.25
             )
     with get_engine(url).begin() as conn:
         conn.execute(sa.insert(predictions), preds)

@@ -106,7 +106,8 @@ def _log(rows: list[tuple[str, str, str | None]], at: datetime, prefix: str = "r
                       "score_neutral": 0.3, "score_positive": 0.5, "latency_ms": 5.0,
                       "cached": False})
         if truth is not None:
-            fbs.append({"request_id": rid, "at": at + timedelta(seconds=i + 1), "label": truth})
+            fbs.append({"request_id": rid, "at": at + timedelta(seconds=i + 1), "label": truth,
+                        "source": f"k-{i % 5}"})  # five labellers: max_source_share 0.25
     with engine.begin() as conn:
         conn.execute(sa.insert(predictions), preds)
         if fbs:

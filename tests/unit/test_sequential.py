@@ -89,3 +89,47 @@ def test_unpaired_differences_are_unbiased() -> None:
     diffs = unpaired_diffs(served, correct, 0.2)
     assert diffs.mean() == pytest.approx(-0.05, abs=0.01)
     assert diffs.min() >= -1 / 0.8 and diffs.max() <= 1 / 0.2
+
+
+def mixed(delta: float, *, seed: int, paired_share: float, share: float = 0.2) -> tuple:
+    """Streams where a ``paired_share`` of labels is paired and the rest importance-weighted
+    (the shadow budget ran out): ``(diffs, low, high, kinds)``, each ``(RUNS, LABELS)``."""
+    rng = np.random.default_rng(seed)
+    p10, p01 = (0.2 - delta) / 2, (0.2 + delta) / 2  # discordance 0.2, champion accuracy 0.65
+    u = rng.random((RUNS, LABELS))
+    champion_right = u < 0.65
+    challenger_right = (u < 0.65 - p10) | ((u >= 0.65) & (u < 0.65 + p01))
+    is_paired = rng.random((RUNS, LABELS)) < paired_share
+    served = rng.random((RUNS, LABELS)) < share
+    right = np.where(served, challenger_right, champion_right)
+    diffs = np.where(
+        is_paired,
+        challenger_right.astype(float) - champion_right,
+        unpaired_diffs(served, right, share),
+    )
+    low = np.where(is_paired, -1.0, -1 / (1 - share))
+    high = np.where(is_paired, 1.0, 1 / share)
+    return diffs, low, high, (~is_paired).astype(int)
+
+
+def test_mixed_paired_and_unpaired_labels_keep_both_error_rates() -> None:
+    """Half the labels paired, half not: bets clipped per label, moments kept per kind."""
+    for delta, seed in ((-MARGIN, 6), (0.0, 7)):
+        diffs, low, high, kinds = mixed(delta, seed=seed, paired_share=0.5)
+        worse, not_worse = wealth_paths(diffs, margin=MARGIN, low=low, high=high, kinds=kinds)
+        bound = math.log(1 / ALPHA)
+        wrong = not_worse if delta < 0 else worse  # promoted at the margin, rolled back if equal
+        assert (wrong.max(axis=1) >= bound).mean() <= MAX_ERROR_RATE, (delta, wrong)
+
+
+def test_keeping_moments_per_kind_keeps_the_power_of_the_paired_labels() -> None:
+    diffs, low, high, kinds = mixed(-0.10, seed=8, paired_share=0.5)
+    bound = math.log(1 / ALPHA)
+
+    def labels_to_rollback(kinds_or_none: np.ndarray | None) -> float:
+        worse, _ = wealth_paths(diffs, margin=MARGIN, low=low, high=high, kinds=kinds_or_none)
+        hit = np.maximum.accumulate(worse, axis=1) >= bound
+        return float(np.median(np.where(hit.any(axis=1), hit.argmax(axis=1), LABELS)))
+
+    per_kind, pooled = labels_to_rollback(kinds), labels_to_rollback(None)
+    assert per_kind < 0.8 * pooled, (per_kind, pooled)
