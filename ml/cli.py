@@ -270,6 +270,10 @@ def replay(
     concurrency: Annotated[int, typer.Option(min=1, max=64, help="Concurrent clients")] = 8,
     limit: Annotated[int | None, typer.Option(help="Send at most this many rows")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="DRIFTLOOP_API_KEY")] = None,
+    feedback_key: Annotated[
+        list[str] | None,
+        typer.Option(help="Send labels with these keys (one picked per label); repeatable"),
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Send a table's texts to a running service as production traffic (one per request)."""
@@ -284,6 +288,7 @@ def replay(
             concurrency=concurrency,
             limit=limit,
             api_key=api_key,
+            feedback_keys=feedback_key or None,
             seed=seed,
             progress=True,
         )

@@ -74,8 +74,8 @@ class RolloutParams(_Section):
     max_error_rate_increase: float = 0.02
     max_latency_ratio: float = 2.0
     min_confidence_ratio: float = 0.7
-    min_shadowed: int = 100  # shadow-scored requests before the disagreement rate counts
-    max_disagreement: Annotated[float, Field(gt=0, le=1)] = 0.4
+    min_shadowed: int = 100  # shadow-scored requests before the agreement check counts
+    min_kappa: Annotated[float, Field(ge=-1, le=1)] = 0.1  # Cohen's kappa, challenger vs champion
     # Shadow scoring: the model that did not answer scores a share of canary requests, off the
     # request path; beyond the queue bound (in texts) shadow work is dropped, never waited for.
     shadow_share: Annotated[float, Field(ge=0, le=1)] = 1.0

@@ -509,6 +509,7 @@ def canary_evidence(evidence: dict[str, Any] | None) -> list[str]:
         f"{test['log_wealth_not_worse']:.2f}, bound {test['bound']:.2f}",
         f"           shadow-scored requests {labels['shadowed_requests']}, disagreement "
         + (f"{rate:.1%}" if rate is not None else "-")
+        + (f" (kappa {labels['kappa']:.2f})" if labels.get("kappa") is not None else "")
         + f"; labels per source {counted}",
     ]
 

@@ -1,12 +1,13 @@
 """Canary rollout: a challenger that passed the offline gate serves a share of live traffic, and
 is promoted or removed on the evidence of that traffic (:mod:`ml.lifecycle.evidence`).
 
-Label-free guardrails (errors, latency, confidence, and how often the two models disagree on
-shadow-scored requests) can remove it at once. Otherwise a sequential test on the per-label
-differences decides (:mod:`ml.lifecycle.sequential`): promote once the challenger is shown not
-worse than the champion by more than ``rollout.margin``, roll back once it is shown worse, and
-keep the champion when ``rollout.max_labels`` or ``rollout.max_hours`` runs out first. Its
-error rates hold however often ``canary_rollout`` looks (benchmarks/results/canary_power.md).
+Label-free guardrails (errors, latency, confidence, and whether the two models agree beyond
+chance on shadow-scored requests) can remove it at once. Otherwise a sequential test on the
+per-label differences decides (:mod:`ml.lifecycle.sequential`): promote once the challenger is
+shown not worse than the champion by more than ``rollout.margin``, roll back once it is shown
+worse, and keep the champion when ``rollout.max_labels`` or ``rollout.max_hours`` runs out
+first. Its error rates hold however often ``canary_rollout`` looks
+(benchmarks/results/canary_power.md).
 See ``docs/lifecycle.md``.
 """
 
@@ -181,13 +182,15 @@ def decide_canary(
                     f"{challenger.mean_confidence:.2f} vs champion "
                     f"{champion.mean_confidence:.2f}: clearly worse",
                 )
-    if labels.shadowed >= params.min_shadowed and labels.disagreement is not None:
+    if labels.shadowed >= params.min_shadowed and labels.kappa is not None:
         checks["disagreement_rate"] = labels.disagreement
-        if labels.disagreement > params.max_disagreement:
+        checks["kappa"] = labels.kappa
+        if labels.kappa < params.min_kappa:
             return decision(
                 CanaryAction.ROLLBACK,
-                f"the two models disagree on {labels.disagreement:.1%} of "
-                f"{labels.shadowed} shadow-scored requests (> {params.max_disagreement:.0%})",
+                f"the challenger's labels agree with the champion's barely beyond chance on "
+                f"{labels.shadowed} shadow-scored requests (Cohen's kappa {labels.kappa:.2f} < "
+                f"{params.min_kappa}; they disagree on {labels.disagreement:.1%})",
             )
     used = (
         f"{verdict.labels} labels ({labels.paired} paired, {labels.unpaired} unpaired), "

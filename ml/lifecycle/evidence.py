@@ -137,9 +137,10 @@ class CanaryLabels:
     (the other model scored the same text in shadow), importance-weighted from the model that
     answered otherwise (:func:`ml.lifecycle.sequential.unpaired_diffs`). ``low``/``high`` bound
     each value. ``shadowed``/``disagreed`` count every shadow-scored request (labelled or not)
-    and those on which the two models' labels differ. ``holdouts`` holds, per source, the mask
-    of the labels without it (:func:`ml.label_policy.holdouts`): a decision must hold on
-    each.
+    and those on which the two models' labels differ; ``kappa`` is Cohen's kappa of the two
+    models' labels on them (agreement beyond what their label shares give by chance).
+    ``holdouts`` holds, per source, the mask of the labels without it
+    (:func:`ml.label_policy.holdouts`): a decision must hold on each.
     """
 
     diffs: np.ndarray
@@ -151,6 +152,7 @@ class CanaryLabels:
     sources: SourceCount
     shadowed: int = 0
     disagreed: int = 0
+    kappa: float | None = None
     holdouts: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
@@ -165,7 +167,23 @@ class CanaryLabels:
             "by_source": self.sources.to_dict(),
             "shadowed_requests": self.shadowed,
             "disagreement_rate": self.disagreement,
+            "kappa": self.kappa,
         }
+
+
+def cohen_kappa(table: dict[tuple[str, str], int]) -> float | None:
+    """Cohen's kappa of two raters from ``(label by one, label by the other) -> count``."""
+    total = sum(table.values())
+    if not total:
+        return None
+    observed = sum(n for (a, b), n in table.items() if a == b) / total
+    first: dict[str, int] = {}
+    second: dict[str, int] = {}
+    for (a, b), n in table.items():
+        first[a] = first.get(a, 0) + n
+        second[b] = second.get(b, 0) + n
+    chance = sum(first[k] * second.get(k, 0) for k in first) / total**2
+    return 1.0 if chance >= 1 else (observed - chance) / (1 - chance)
 
 
 def canary_labels(
@@ -200,14 +218,21 @@ def canary_labels(
         .where(scope)
         .order_by(f.c.at, p.c.request_id)
     )
-    shadow_counts = (
-        sa.select(sa.func.count(), sa.func.sum(sa.case((p.c.label != s.c.label, 1), else_=0)))
+    shadow_pairs = (
+        sa.select(p.c.model_version, p.c.label, s.c.label.label("shadow_label"), sa.func.count())
         .select_from(p.join(s, s.c.request_id == p.c.request_id))
         .where(scope, s.c.model_version.in_(pair), s.c.model_version != p.c.model_version)
+        .group_by(p.c.model_version, p.c.label, s.c.label)
     )
     with engine.connect() as conn:
         rows = conn.execute(labelled).all()
-        shadowed, disagreed = conn.execute(shadow_counts).one()
+        # (champion's label, challenger's label) -> shadow-scored requests
+        table: dict[tuple[str, str], int] = {}
+        for version, said, shadow_said, n in conn.execute(shadow_pairs):
+            cell = (said, shadow_said) if version == champion else (shadow_said, said)
+            table[cell] = table.get(cell, 0) + int(n)
+    shadowed = sum(table.values())
+    disagreed = sum(n for (a, b), n in table.items() if a != b)
     keep, tally = counted_mask([r.source for r in rows], policy)
     rows = [r for r, k in zip(rows, keep, strict=True) if k]
     is_paired = np.array(
@@ -231,7 +256,8 @@ def canary_labels(
         paired=int(is_paired.sum()),
         unpaired=int((~is_paired).sum()),
         sources=tally,
-        shadowed=int(shadowed or 0),
-        disagreed=int(disagreed or 0),
+        shadowed=shadowed,
+        disagreed=disagreed,
+        kappa=cohen_kappa(table),
         holdouts=holdouts([r.source for r in rows], policy),
     )

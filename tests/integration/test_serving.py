@@ -479,18 +479,40 @@ def test_canary_sends_its_share_to_the_challenger(stack: Stack, registry_env: No
             info = stack.model()
             assert info["challenger"]["traffic_share"] == pytest.approx(0.3)
             assert info["champion"]["traffic_share"] == pytest.approx(0.7)
+
+            # The shadow process loads both versions in the background; wait for it.
+            def shadow_holds_both() -> bool:  # keys are <name>/<version>[/<run id>]
+                loaded = [k + "/" for k in stack.model()["shadow"]["loaded"]]
+                return all(any(f"/{v}/" in k for k in loaded) for v in (good, other))
+
+            wait_for(shadow_holds_both, 120, "the shadow process to load both versions")
+            before = stack.model()["shadow"]
             n = 300
-            versions = [
+            answers = [
                 client.post("/predict", json={"texts": ["same tweet every time"]}).json()[
                     "predictions"
-                ][0]["model_version"]
+                ][0]
                 for _ in range(n)
             ]
+            served = {a["request_id"]: a["model_version"] for a in answers}
+            # Every answered request is scored by the other model too, off the request path.
+
+            def all_shadowed() -> list[dict[str, Any]] | None:
+                rows = pg_rows(stack, "shadow_predictions", list(served))
+                return rows if len(rows) == n else None
+
+            shadows = wait_for(all_shadowed, 60, "a shadow row for every answered request")
+            after = stack.model()["shadow"]
     finally:
         registry.delete_alias("challenger", actor="test", reason="canary over")
+    versions = list(served.values())
     share = versions.count(other) / n
     assert abs(share - 0.3) < 0.09, share  # 3.4 standard deviations
     assert set(versions) == {good, other}
+    assert {r["request_id"]: r["model_version"] for r in shadows} == {
+        rid: (good if version == other else other) for rid, version in served.items()
+    }
+    assert after["shadowed"] - before["shadowed"] == n and after["dropped"] == before["dropped"]
     with stack.client() as client:
         client.post("/admin/reload")
     assert stack.model()["challenger"] is None

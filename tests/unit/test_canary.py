@@ -14,7 +14,7 @@ from ml.db import feedback, get_engine, predictions, shadow_predictions
 from ml.label_policy import SourceCount
 from ml.lifecycle import canary
 from ml.lifecycle.canary import CanaryDecision, decide_canary
-from ml.lifecycle.evidence import CanaryLabels, VersionStats
+from ml.lifecycle.evidence import CanaryLabels, VersionStats, cohen_kappa
 from ml.lifecycle.outcomes import CanaryOutcome
 from ml.params import LabelParams, RolloutParams
 
@@ -28,12 +28,13 @@ def stats(version: str, n: int, labels: int, acc: float, conf: float = 0.8,
                         correct=round(labels * acc), mean_confidence=conf, p95_latency_ms=p95)
 
 
-def paired(diffs: list[float], shadowed: int = 0, disagreed: int = 0) -> CanaryLabels:
+def paired(diffs: list[float], shadowed: int = 0, disagreed: int = 0,
+           kappa: float | None = None) -> CanaryLabels:
     x = np.asarray(diffs, dtype=float)
     return CanaryLabels(diffs=x, low=np.full(len(x), -1.0), high=np.full(len(x), 1.0),
                         is_paired=np.ones(len(x), dtype=bool), paired=len(x), unpaired=0,
                         sources=SourceCount({"k": len(x)}, {"k": len(x)}),
-                        shadowed=shadowed, disagreed=disagreed)
+                        shadowed=shadowed, disagreed=disagreed, kappa=kappa)
 
 
 def stream(n: int, better: int, worse: int) -> list[float]:
@@ -91,7 +92,7 @@ def test_an_undecided_canary_keeps_the_champion_when_its_budget_runs_out(labels,
         (stats("2", 200, 0, 0.0, errors=30), paired([]), "errs"),
         (stats("2", 200, 0, 0.0, p95=400.0), paired([]), "latency"),
         (stats("2", 200, 0, 0.0, conf=0.36), paired([]), "confidence"),
-        (stats("2", 200, 0, 0.0), paired([], shadowed=300, disagreed=180), "disagree"),
+        (stats("2", 200, 0, 0.0), paired([], shadowed=300, disagreed=180, kappa=0.02), "kappa"),
     ],
 )
 def test_guard_rails_roll_back_without_labels(challenger, labels, why) -> None:
@@ -100,9 +101,21 @@ def test_guard_rails_roll_back_without_labels(challenger, labels, why) -> None:
 
 
 def test_honest_disagreement_is_no_reason_to_roll_back() -> None:
-    labels = paired([], shadowed=1000, disagreed=140)  # two honest checkpoints: ~14%
+    # A model retrained on drifted data disagreed with its predecessor on 42% of the demo's
+    # 2016 tweets and was better; agreement beyond chance is what tells it from noise.
+    labels = paired([], shadowed=400, disagreed=167, kappa=0.3)
     d = decide_canary(stats("1", 800, 0, 0.0), stats("2", 200, 0, 0.0), PARAMS, labels)
-    assert d.action == "wait" and d.checks["disagreement_rate"] == pytest.approx(0.14)
+    assert d.action == "wait" and d.checks["disagreement_rate"] == pytest.approx(167 / 400)
+
+
+def test_cohen_kappa_is_zero_for_independent_labels_and_one_for_identical() -> None:
+    same = {("neutral", "neutral"): 50, ("positive", "positive"): 30, ("negative", "negative"): 20}
+    assert cohen_kappa(same) == pytest.approx(1.0)
+    shares = {"negative": 0.2, "neutral": 0.5, "positive": 0.3}
+    independent = {(a, b): round(1000 * pa * pb) for a, pa in shares.items()
+                   for b, pb in shares.items()}
+    assert cohen_kappa(independent) == pytest.approx(0.0, abs=1e-3)
+    assert cohen_kappa({}) is None
 
 
 LABELS = ("negative", "neutral", "positive")

@@ -60,7 +60,8 @@ def run_check(tmp_path: Path, summary: dict[str, Any], capsys) -> tuple[int, str
 def test_a_good_summary_passes(tmp_path: Path, capsys) -> None:
     rc, out = run_check(tmp_path, GOOD, capsys)
     assert rc == 0, out
-    assert out.count("\nok  ") == len(check_demo.EXPECTED_STEPS) + 3  # + canary evidence, tries, runs
+    # the steps, then the canary's evidence, failed tries and failed runs
+    assert out.count("\nok  ") == len(check_demo.EXPECTED_STEPS) + 3
     assert "FAIL" not in out and out.rstrip().endswith("demo check: passed")
     assert "expected canary_rolled_back" in out and "seen canary_rolled_back" in out
 
