@@ -31,7 +31,7 @@ import numpy as np
 
 from ml.lifecycle.evidence import VersionStats, worse_p_value
 from ml.lifecycle.outcomes import CanaryAction
-from ml.lifecycle.sequential import crossings, unpaired_diffs
+from ml.lifecycle.sequential import crossings, unpaired_bounds, unpaired_diffs
 from ml.params import load_params
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -141,7 +141,7 @@ def simulate(s: Setting, runs: int, seed: int) -> dict[str, list[dict[str, float
             paired = both[: s.max_labels, 1] - both[: s.max_labels, 0]
             outcomes["driftloop"].append(sequential_run(paired, s, -1.0, 1.0, s.max_labels))
             ipw = unpaired_diffs(served, right, s.share)
-            low, high = -1 / (1 - s.share), 1 / s.share
+            low, high = unpaired_bounds(s.share)
             outcomes["unpaired"].append(sequential_run(ipw, s, low, high, s.max_labels_unpaired))
             outcomes["previous"].append(previous_run(served, right, s, params))
         for name, got in outcomes.items():

@@ -92,7 +92,7 @@ class CanaryEvaluation:
 
 NO_LABELS = CanaryLabels(
     diffs=np.zeros(0), low=np.zeros(0), high=np.zeros(0), is_paired=np.zeros(0, dtype=bool),
-    paired=0, unpaired=0, sources=SourceCount(),
+    sources=SourceCount(),
 )  # fmt: skip
 
 

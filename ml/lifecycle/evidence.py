@@ -147,13 +147,19 @@ class CanaryLabels:
     low: np.ndarray
     high: np.ndarray
     is_paired: np.ndarray
-    paired: int
-    unpaired: int
     sources: SourceCount
     shadowed: int = 0
     disagreed: int = 0
     kappa: float | None = None
     holdouts: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def paired(self) -> int:
+        return int(self.is_paired.sum())
+
+    @property
+    def unpaired(self) -> int:
+        return len(self.is_paired) - self.paired
 
     @property
     def disagreement(self) -> float | None:
@@ -197,7 +203,7 @@ def canary_labels(
 
     ``share`` is the challenger's traffic share, which weights the unpaired labels.
     """
-    from ml.lifecycle.sequential import unpaired_diffs
+    from ml.lifecycle.sequential import unpaired_bounds, unpaired_diffs
 
     policy = policy or load_params().labels
     engine = get_engine(get_settings().database_url)
@@ -246,15 +252,14 @@ def canary_labels(
     champion_right = np.where(by_challenger, shadow_right, served_right)
     weighted = unpaired_diffs(by_challenger, served_right, share) if rows else np.zeros(0)
     diffs = np.where(is_paired, challenger_right - champion_right, weighted)
-    low = np.where(is_paired, -1.0, -1.0 / (1.0 - share))
-    high = np.where(is_paired, 1.0, 1.0 / share)
+    unpaired_low, unpaired_high = unpaired_bounds(share)
+    low = np.where(is_paired, -1.0, unpaired_low)
+    high = np.where(is_paired, 1.0, unpaired_high)
     return CanaryLabels(
         diffs=diffs.astype(float),
         low=low.astype(float),
         high=high.astype(float),
         is_paired=is_paired,
-        paired=int(is_paired.sum()),
-        unpaired=int((~is_paired).sum()),
         sources=tally,
         shadowed=shadowed,
         disagreed=disagreed,

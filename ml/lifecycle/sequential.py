@@ -180,6 +180,11 @@ def crossings(
     )
 
 
+def unpaired_bounds(share: float) -> tuple[float, float]:
+    """The range of :func:`unpaired_diffs` with the challenger on ``share`` of traffic."""
+    return -1.0 / (1.0 - share), 1.0 / share
+
+
 def unpaired_diffs(
     served_by_challenger: np.ndarray, correct: np.ndarray, share: float
 ) -> np.ndarray:
@@ -187,7 +192,7 @@ def unpaired_diffs(
 
     With the challenger serving a random ``share`` of requests, ``correct/share`` for its labels
     and ``-correct/(1-share)`` for the champion's has mean ``acc(challenger) - acc(champion)``;
-    the values lie in ``[-1/(1-share), 1/share]``.
+    the values lie in :func:`unpaired_bounds`.
     """
     served = np.asarray(served_by_challenger, dtype=bool)
     right = np.asarray(correct, dtype=float)

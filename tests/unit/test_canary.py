@@ -32,7 +32,7 @@ def paired(diffs: list[float], shadowed: int = 0, disagreed: int = 0,
            kappa: float | None = None) -> CanaryLabels:
     x = np.asarray(diffs, dtype=float)
     return CanaryLabels(diffs=x, low=np.full(len(x), -1.0), high=np.full(len(x), 1.0),
-                        is_paired=np.ones(len(x), dtype=bool), paired=len(x), unpaired=0,
+                        is_paired=np.ones(len(x), dtype=bool),
                         sources=SourceCount({"k": len(x)}, {"k": len(x)}),
                         shadowed=shadowed, disagreed=disagreed, kappa=kappa)
 
