@@ -236,6 +236,42 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def _from_wrk(result: Any) -> LoadResult:
+    """A :class:`benchmarks.wrk.WrkResult` as a :class:`LoadResult`."""
+    kinds = [f"HTTP {code} x{n}" for code, n in sorted(result.statuses.items()) if code >= 300]
+    kinds += [f"{k} x{v}" for k, v in asdict(result.errors).items() if v]
+    return LoadResult(
+        mode=result.mode,
+        concurrency=result.connections,
+        offered_rps=result.offered_rps,
+        sent=result.sent,
+        ok=result.ok,
+        errors=result.requests - result.ok + sum(asdict(result.errors).values()),
+        seconds=round(result.seconds, 2),
+        rps=round(result.rps, 1),
+        p50_ms=round(result.p50_ms or float("nan"), 1),
+        p95_ms=round(result.p95_ms or float("nan"), 1),
+        p99_ms=round(result.p99_ms or float("nan"), 1),
+        error_kinds=kinds[:5],
+    )
+
+
+def _closed(url: str, texts: list[str], concurrency: int, seconds: float, use_wrk: bool) -> Any:
+    if use_wrk:
+        from benchmarks.wrk import closed_loop as wrk_closed
+
+        return _from_wrk(wrk_closed(url, texts, connections=concurrency, seconds=seconds))
+    return asyncio.run(closed_loop(url, texts, concurrency, seconds, 100_000))
+
+
+def _open(url: str, texts: list[str], rate: float, seconds: float, use_wrk: bool) -> LoadResult:
+    if use_wrk:
+        from benchmarks.wrk import open_loop as wrk_open
+
+        return _from_wrk(wrk_open(url, texts, rate=rate, seconds=seconds))
+    return asyncio.run(open_loop(url, texts, rate, seconds))
+
+
 def measure_server(
     name: str,
     url: str,
@@ -246,10 +282,11 @@ def measure_server(
     step_seconds: float,
     fractions: list[float],
     pid: int,
+    use_wrk: bool = True,
 ) -> ServerResult:
-    asyncio.run(closed_loop(url, texts, concurrency, min(3.0, seconds), 10_000))  # warm-up
+    _closed(url, texts, concurrency, min(3.0, seconds), use_wrk)  # warm-up
     server_cpu, client_cpu = cpu_seconds(pid), time.process_time()
-    closed = asyncio.run(closed_loop(url, texts, concurrency, seconds, 100_000))
+    closed = _closed(url, texts, concurrency, seconds, use_wrk)
     if closed.ok:
         closed.server_cpu_ms_per_request = round(
             (cpu_seconds(pid) - server_cpu) * 1000 / closed.ok, 2
@@ -272,7 +309,7 @@ def measure_server(
     )
     result = ServerResult(name=name, closed=closed)
     for fraction in fractions:
-        step = asyncio.run(open_loop(url, texts, max(1.0, closed.rps * fraction), step_seconds))
+        step = _open(url, texts, max(1.0, closed.rps * fraction), step_seconds, use_wrk)
         log.info(
             "%s open loop %.0f%% of peak (%.1f req/s offered): %.1f req/s, p95 %.1f ms, %d errors",
             name,

@@ -83,6 +83,40 @@ class RolloutParams(_Section):
     min_feedback_early: int = 30  # champion labels before a live-feedback rollback (monitor_drift)
 
 
+class ServeParams(_Section):
+    """How the service batches, admits and supervises inference (docs/serving.md)."""
+
+    # Batching: texts one inference run gathers at most, how long its first request may wait
+    # for company, and the length-sorted forward passes a run is cut into (CPU; the GPU's is
+    # ``gpu_batch_size``).
+    max_batch_texts: Annotated[int, Field(ge=1)] = 64
+    max_latency_ms: Annotated[float, Field(ge=0)] = 5.0
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    gpu_batch_size: Annotated[int, Field(ge=1)] = 128
+    shadow_batch_texts: Annotated[int, Field(ge=1)] = 64
+    shadow_batch_size: Annotated[int, Field(ge=1)] = 16
+    # Backend: "auto" measures the candidates on this machine and keeps the fastest within
+    # ``max_recall_drop`` of fp32's macro-recall; or one of fp32, bf16, int8.
+    backend: str = "auto"
+    max_recall_drop: Annotated[float, Field(ge=0, le=1)] = 0.01
+    # Admission: texts waiting for or in inference at most; beyond it a request gets 503 and
+    # Retry-After at once (a request alone is always admitted). And the time a request may wait
+    # for its answer before it gets 503 (below BentoML's traffic timeout, so never a 504).
+    max_queue_texts: Annotated[int, Field(ge=1)] = 512
+    request_timeout_s: Annotated[float, Field(gt=0)] = 20.0
+    # Supervision: the model process answers a ping every ping_interval_s; one unanswered for
+    # ping_timeout_s (or a dead process) is killed and restarted, the models reloaded.
+    ping_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    ping_timeout_s: Annotated[float, Field(gt=0)] = 15.0
+    restart_backoff_max_s: Annotated[float, Field(gt=0)] = 30.0
+    # Loading: a version is first loaded and checked in a throwaway process (memory capped,
+    # time-limited), so a bad artifact cannot take down the process that serves.
+    max_artifact_mb: Annotated[float, Field(gt=0)] = 2048
+    vet_memory_mb: Annotated[float, Field(gt=0)] = 8192
+    vet_timeout_s: Annotated[float, Field(gt=0)] = 300
+    reload_wait_s: Annotated[float, Field(gt=0)] = 30.0  # /admin/reload waits this long, then 202
+
+
 class LabelParams(_Section):
     """Whose feedback labels count for canary, rollback and retraining decisions.
 
@@ -162,6 +196,7 @@ class Params(_Section):
     validation: ValidationParams = Field(default_factory=ValidationParams)
     rollout: RolloutParams = Field(default_factory=RolloutParams)
     labels: LabelParams = Field(default_factory=LabelParams)
+    serve: ServeParams = Field(default_factory=ServeParams)
     drift: DriftParams = Field(default_factory=lambda: DriftParams())
 
 

@@ -1,10 +1,11 @@
-"""The service's front door: API keys and their roles, rate limits and body limits, then the
-body's shape.
+"""The service's front door: API keys and their roles, rate limits, the media type and body
+limits, then the body's shape.
 
 An ASGI middleware in front of ``/predict``, ``/feedback`` and ``/admin/*`` that answers every
 client mistake itself with a 4xx naming the problem, so none becomes a 500 (the statuses are
 listed in docs/serving.md). The body's shape is checked against the API's own pydantic types.
-It hands the endpoint the caller's source id (:func:`source_of`), which labels record.
+It hands the endpoint the caller's source id (:func:`source_of`), which labels record, and puts
+:mod:`bentos.sentiment.boundary` around the whole app when the server starts.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from bentos.sentiment.boundary import hoist_boundary, printable, send_json
 from ml.params import LABELS
 from ml.serving.provenance import ADMIN, FEEDBACK, PREDICT, address_id, key_id
 from ml.serving.ratelimit import RateLimiter, make_rate_limiter
@@ -34,10 +37,17 @@ Send = Callable[[Message], Any]
 
 # The role each guarded endpoint needs (RequestGuard.endpoint's names), and how messages name it.
 ROLE_NEEDED = {"predict": PREDICT, "feedback": FEEDBACK, "admin": ADMIN}
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 ENDPOINT_PATHS = {"predict": "/predict", "feedback": "/feedback", "admin": "/admin/*"}
 # Where the guard leaves the caller's source id for the endpoint: the request's state, which
 # only the server writes (a client cannot choose its own source id).
 SOURCE_STATE = "driftloop_source"
+
+# The one media type /predict and /feedback take (a web page cannot post it cross-origin
+# without a CORS preflight, which the service does not answer), and its one parameter.
+JSON_MEDIA_TYPE = "application/json"
+_CHARSET_UTF8 = re.compile(r'\s*charset\s*=\s*"?utf-8"?\s*', re.IGNORECASE)
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,64}/[A-Za-z0-9!#$&^_.+-]{1,64}")
 
 PREDICT_EXAMPLE = '{"texts": ["some text", ...]}'
 FEEDBACK_EXAMPLE = '{"request_id": "...", "label": "' + "|".join(LABELS) + '"}'
@@ -212,32 +222,38 @@ def parse_json(body: bytes) -> Any:
         ) from None
 
 
+def check_content_type(values: list[bytes]) -> None:
+    """Accept only ``application/json``, optionally ``; charset=utf-8``: the request's
+    ``Content-Type`` header values, else :class:`ClientError` 415.
+
+    The message names a received media type only when it is a plain token pair, never raw bytes.
+    """
+    expected = f"send Content-Type: {JSON_MEDIA_TYPE} (optionally ; charset=utf-8)"
+    if not values:
+        raise ClientError(415, f"missing Content-Type header: {expected}", "unsupported_media_type")
+    if len(values) > 1:
+        raise ClientError(
+            415, f"more than one Content-Type header: {expected}", "unsupported_media_type"
+        )
+    media, _, params = values[0].decode("latin-1").partition(";")
+    media = media.strip()
+    if media.lower() == JSON_MEDIA_TYPE and all(
+        _CHARSET_UTF8.fullmatch(p) for p in params.split(";") if params
+    ):
+        return
+    got = f"got {media}" if _MEDIA_TYPE.fullmatch(media) else "got another media type"
+    if media.lower() == JSON_MEDIA_TYPE:
+        got = "got JSON with a parameter other than charset=utf-8"
+    raise ClientError(
+        415, f"unsupported Content-Type ({got}): {expected}", "unsupported_media_type"
+    )
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", []):
         if key.lower() == name:
             return value.decode("latin-1")
     return None
-
-
-async def send_json(
-    send: Send,
-    status: int,
-    payload: dict[str, Any],
-    headers: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    data = json.dumps(payload).encode("utf-8")
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})
 
 
 class RequestGuard:
@@ -261,6 +277,7 @@ class RequestGuard:
         self.limits = Limits.from_settings(self.settings)
         self.on_reject = on_reject
         self._limiter: RateLimiter | None = None
+        self._hoist_tried = False
 
     @property
     def limiter(self) -> RateLimiter:
@@ -280,6 +297,9 @@ class RequestGuard:
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan" and not self._hoist_tried:
+            self._hoist_tried = True
+            self._hoist(scope)
         endpoint = self.endpoint(scope.get("path", "")) if scope["type"] == "http" else None
         if endpoint is None:
             await self.app(scope, receive, send)
@@ -290,6 +310,10 @@ class RequestGuard:
             if scope.get("method") != "POST":
                 await self.app(scope, receive, send)  # the router answers 405
                 return
+            if endpoint != "admin":
+                check_content_type(
+                    [v for k, v in scope.get("headers", []) if k.lower() == b"content-type"]
+                )
             body = await self._read_body(scope, receive)
             if endpoint != "admin":
                 obj = parse_json(body)
@@ -311,7 +335,7 @@ class RequestGuard:
         except Exception:  # noqa: BLE001 - a bug here must not hold the request open
             # Raising would leave BentoML's timeout middleware waiting out traffic.timeout
             # (60 s) before uvicorn answers; answer at once instead.
-            log.exception("the request guard failed on %s", scope.get("path"))
+            log.exception("the request guard failed on %s", printable(scope.get("path", "")))
             if self.on_reject is not None:
                 with contextlib.suppress(Exception):
                     self.on_reject(endpoint, 500, "guard_error")
@@ -323,14 +347,35 @@ class RequestGuard:
             scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         await self.app(scope, _replay(body, receive), send)
 
+    def _hoist(self, scope: Scope) -> None:
+        """Put :class:`~bentos.sentiment.boundary.HttpBoundary` around the whole app.
+
+        BentoML adds a service's middleware inside its own metrics and access log; the lifespan
+        scope passes through here once, before any request, carrying the app to wrap.
+        """
+        try:
+            if hoist_boundary(scope, self.on_reject):
+                return
+            log.warning("no Starlette app in the lifespan scope: no HTTP boundary around it")
+        except Exception:  # noqa: BLE001 - the service still serves, without the boundary
+            log.exception("could not put the HTTP boundary around the app")
+
     def _authenticate(self, scope: Scope, endpoint: str) -> str:
         """Check the key and its role for ``endpoint``; return the caller's source id.
 
-        Without keys configured the service is open (every endpoint, admin too) and the source
-        is the client address's id.
+        Without keys configured the service is open and the source is the client address's id;
+        ``/admin/*`` then answers loopback clients only (the admin role needs a key elsewhere).
         """
         if not self.keys:
-            return address_id(str((scope.get("client") or ("unknown",))[0]))
+            host = str((scope.get("client") or ("unknown",))[0])
+            if endpoint == "admin" and host not in LOOPBACK:
+                raise ClientError(
+                    403,
+                    "/admin/* needs an API key with the 'admin' role; a service without keys "
+                    "answers it on loopback only",
+                    "missing_role",
+                )
+            return address_id(host)
         key = _header(scope, b"x-api-key")
         if not key:
             raise ClientError(

@@ -52,7 +52,8 @@ class ServiceMetrics:
         )
         self.errors = Counter(
             "driftloop_errors",
-            "Requests answered with an error, by endpoint, status and reason",
+            "Requests answered with an error, by endpoint (predict, feedback, admin; http for "
+            "requests the HTTP boundary refused), status and reason",
             ["endpoint", "status", "reason"],
         )
         self.feedback_conflicts = Counter(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections import OrderedDict
@@ -28,6 +29,7 @@ from ml.serving.schemas import (
     PredictResponse,
     predict_request,
 )
+from ml.serving.worker import ModelUnavailable, Overloaded
 from ml.settings import get_settings
 
 log = logging.getLogger("driftloop.serve")
@@ -35,16 +37,11 @@ log = logging.getLogger("driftloop.serve")
 # BentoML's usage analytics would try to reach the internet from every process that imports this
 # module (the serve command, its workers). Set it before `bentoml serve` too: the CLI reads it once.
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+# uvicorn trusts X-Forwarded-For from 127.0.0.1 by default: a local client could pick the address
+# it is rate-limited under. Trust no proxy unless the deployment names one.
+os.environ.setdefault("FORWARDED_ALLOW_IPS", "")
 
-# Batching: how many texts one inference run gathers at most, and how long the first request of a
-# batch may wait for company. Texts are then cut into length-sorted forward passes of BATCH_SIZE.
-MAX_BATCH_TEXTS = 32
-MAX_LATENCY_MS = 5.0
-BATCH_SIZE = 16
-# Shadow scoring: texts per job handed to the shadow process (queued requests coalesced) and
-# its forward-pass size. It runs at the lowest CPU priority, on time the served model leaves idle.
-SHADOW_BATCH_TEXTS = 64
-SHADOW_BATCH_SIZE = 16
+# Batching, admission, supervision and loading limits come from params.yaml's `serve:` section.
 RECENT_IDS = 200_000  # request ids remembered in memory, so feedback needs no database read
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -65,11 +62,17 @@ def _resources() -> dict[str, Any]:
     return {"gpu": 1} if get_settings().serve_gpu else {}
 
 
-def _error(ctx: bentoml.Context, status: int, message: str) -> JSONResponse:
-    """An error answer. An endpoint that takes ``ctx`` answers with ``ctx``'s status, whatever
-    the returned response says (BentoML 1.4), so both are set."""
+def _error(
+    ctx: bentoml.Context, status: int, message: str, retry_after: float | None = None
+) -> JSONResponse:
+    """An error answer. An endpoint that takes ``ctx`` answers with ``ctx``'s status (and
+    headers), whatever the returned response says (BentoML 1.4), so both are set."""
     ctx.response.status_code = status
-    return JSONResponse({"error": message}, status_code=status)
+    headers = {}
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+        ctx.response.headers["Retry-After"] = headers["Retry-After"]
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 @bentoml.service(
@@ -97,28 +100,45 @@ class SentimentService:
         from ml.serving.pool import ModelPool, registry_loader, registry_resolver
         from ml.serving.predlog import PredictionLog
         from ml.serving.shadow import ShadowModels, ShadowScorer
+        from ml.serving.supervisor import Supervisor
         from ml.serving.tuning import serving_threads
+        from ml.serving.vetting import VetLimits, Vetter
         from ml.serving.worker import ModelProcess
 
         settings = get_settings()
         params = load_params()
+        serve = params.serve
         self.settings = settings
+        self.serve = serve
         self.metrics = service_metrics()
+        gpu = settings.serve_gpu
         # Inference runs in a child process: in this one it would fight the HTTP loop for the GIL.
         self.models = ModelProcess(
-            max_batch_size=MAX_BATCH_TEXTS,
-            max_latency_ms=MAX_LATENCY_MS,
-            threads=None if settings.serve_gpu else serving_threads(),
+            max_batch_size=serve.max_batch_texts,
+            max_latency_ms=serve.max_latency_ms,
+            threads=None if gpu else serving_threads(),
             on_batch=self.metrics.observe_batch,
+            max_queue_texts=serve.max_queue_texts,
         ).start()
         load_options: dict[str, Any] = {
             "device_setting": settings.device,
-            "gpu": settings.serve_gpu,
+            "gpu": gpu,
             "max_length": params.evaluate.max_length,
-            "batch_size": BATCH_SIZE,
+            "batch_size": serve.gpu_batch_size if gpu else serve.batch_size,
         }
         load_dir = self.models.loader(**load_options)
         release = self.models.release
+        # Each new version loads first in a capped process of its own (docs/serving.md, safe
+        # loading): one that is too big, hangs or crashes never reaches the serving process.
+        self.vetter = Vetter(
+            lambda: ModelProcess(
+                max_batch_size=serve.max_batch_texts,
+                threads=1,
+                memory_cap_mb=serve.vet_memory_mb,
+                name="driftloop-vet",
+            ),
+            VetLimits(serve.max_artifact_mb, serve.vet_memory_mb, serve.vet_timeout_s),
+        )
         # Shadow scoring during a canary (docs/serving.md): the model that did not answer scores
         # a share of requests in a second model process at the lowest CPU priority, holding the
         # same versions as this one (loaded there in the background, freed with them).
@@ -128,9 +148,9 @@ class SentimentService:
         if params.rollout.shadow_share > 0:
             try:
                 self.shadow_process = ModelProcess(
-                    max_batch_size=SHADOW_BATCH_TEXTS,
-                    max_latency_ms=MAX_LATENCY_MS,
-                    threads=None if settings.serve_gpu else 1,
+                    max_batch_size=serve.shadow_batch_texts,
+                    max_latency_ms=serve.max_latency_ms,
+                    threads=None if gpu else 1,
                     low_priority=True,
                     name="driftloop-shadow",
                 ).start()
@@ -140,7 +160,7 @@ class SentimentService:
             shadow_process = self.shadow_process
             self.shadow_models = ShadowModels(
                 lambda path, info: shadow_process.start_load(
-                    path, info, **{**load_options, "batch_size": SHADOW_BATCH_SIZE}
+                    path, info, **{**load_options, "batch_size": serve.shadow_batch_size}
                 ),
                 shadow_process.release_key,
             )
@@ -155,9 +175,12 @@ class SentimentService:
                 on_scored=self.metrics.shadow_scored.inc,
                 on_dropped=self.metrics.shadow_drop,
             ).start()
+        vetter = self.vetter
         self.pool = ModelPool(
             resolve=registry_resolver(settings.model_name),
-            load=registry_loader(load_dir),
+            load=registry_loader(
+                load_dir, vet=lambda path, info: vetter.vet(path, info, **load_options)
+            ),
             # The model process warms each version up before it answers that it is loaded.
             release=release,
             default_canary_share=settings.canary_share,
@@ -171,6 +194,21 @@ class SentimentService:
                 result.error or "the alias 'champion' is not set",
             )
         self.pool.start()
+        # A model process that dies or stops answering is restarted and its models reloaded,
+        # while this process keeps answering (503 until a model is back; /readyz false).
+        self.supervisor = Supervisor(
+            interval_s=serve.ping_interval_s,
+            backoff_max_s=serve.restart_backoff_max_s,
+            on_restart=lambda name: log.warning("%s restarted", name),
+        ).watch(
+            self.models,
+            lambda: self.pool.refresh_now(timeout=serve.vet_timeout_s * 2, reset=True),
+            serve.ping_timeout_s,
+        )
+        if self.shadow_process is not None and self.shadow_models is not None:
+            # At the lowest priority it may rightly answer nothing for long: death only.
+            self.supervisor.watch(self.shadow_process, self.shadow_models.reload, None)
+        self.supervisor.start()
         self.cache = make_cache(settings.redis_url)
         self.predlog = PredictionLog(
             settings.database_url, settings.home / "spool" / "predictions"
@@ -194,14 +232,25 @@ class SentimentService:
         self.metrics.canary_share.set(result.canary_share)
 
     def __is_ready__(self) -> bool:
-        return self.models.alive and self.pool.state.champion is not None
+        """Ready while a model can answer: a champion loaded in a running, answering model
+        process (false while it is restarted, until its models are back)."""
+        return (
+            self.models.healthy
+            and not self.models.ping_overdue(self.serve.ping_timeout_s)
+            and not self.supervisor.restarting(self.models)
+            and self.pool.state.champion is not None
+        )
 
     def __is_alive__(self) -> bool:
-        return self.models.alive
+        """The HTTP process itself: it stays alive (and answers 503) while the supervisor
+        restarts a model process, so the orchestrator need not restart it."""
+        return True
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
+        self.supervisor.stop()
         self.pool.stop()
+        self.vetter.close()
         if self.shadow is not None:
             self.shadow.close()
         if self.shadow_process is not None:
@@ -235,7 +284,8 @@ class SentimentService:
                 ctx,
                 503,
                 "no model is being served yet: the registry has no loadable "
-                "champion (see GET /model)",
+                "champion, or its model process is restarting (see GET /model)",
+                retry_after=5,
             )
         model = state.route(1, self.pool.rng)[0]  # canary routing is per request
         use_cache = "no-cache" not in ctx.request.headers.get("cache-control", "").lower()
@@ -251,7 +301,27 @@ class SentimentService:
         if missing:
             miss_texts = [texts[i] for i in missing]
             try:
-                probs = await asyncio.wrap_future(self.models.submit(model.key, miss_texts))
+                future = self.models.submit(model.key, miss_texts)
+                # shield: a request that times out or is cancelled gives up its own answer and
+                # nothing else (the model process still finishes it; admission counts it).
+                probs = await asyncio.wait_for(
+                    asyncio.shield(asyncio.wrap_future(future)), self.serve.request_timeout_s
+                )
+            except Overloaded as exc:
+                self.metrics.error("predict", 503, "overloaded")
+                return _error(ctx, 503, str(exc), retry_after=exc.retry_after)
+            except TimeoutError:
+                self.metrics.error("predict", 503, "timeout")
+                return _error(
+                    ctx,
+                    503,
+                    f"inference did not finish within serve.request_timeout_s="
+                    f"{self.serve.request_timeout_s:g} s; retry later",
+                    retry_after=5,
+                )
+            except ModelUnavailable as exc:
+                self.metrics.error("predict", 503, "model_unavailable")
+                return _error(ctx, 503, f"{exc}; it is being restarted, retry", retry_after=5)
             except Exception:
                 log.exception("inference failed for %s", model.key)
                 self.metrics.error("predict", 500, "inference_failed")
@@ -379,6 +449,30 @@ class SentimentService:
                 "database_ok": stats.database_ok,
             },
             "shadow": self._shadow_info(),
+            "runtime": self._runtime_info(),
+        }
+
+    def _runtime_info(self) -> dict[str, Any]:
+        """The model processes, the admission queue, vetting and registry checks, for
+        ``GET /model`` (and the resilience tests)."""
+        processes = {}
+        for watched in self.supervisor.watched:
+            process = watched.process
+            processes[process.name] = {
+                "pid": process.pid,
+                "alive": process.alive,
+                "healthy": process.healthy,
+                "restarting": watched.restarting,
+                "restarts": watched.restarts,
+                "last_restart_error": watched.last_error,
+            }
+        return {
+            "processes": processes,
+            "queued_texts": self.models.queued_texts,
+            "max_queue_texts": self.serve.max_queue_texts,
+            "vetted": self.vetter.vetted,
+            "refused": self.vetter.refused,
+            "registry_checks": self.pool.checks,
         }
 
     def _shadow_info(self) -> dict[str, Any]:
@@ -401,13 +495,29 @@ class SentimentService:
         }
 
     @admin_app.post("/admin/reload")
-    def reload(self) -> dict[str, Any]:
+    async def reload(self) -> JSONResponse:
         """Check the registry now and swap in whatever the aliases point at.
 
-        Needs a key with the ``admin`` role (the guard checks it); open when no keys are set.
+        Needs the ``admin`` role (the guard checks it). Reloads coalesce: every request made
+        before the check starts shares it. A version that failed to load is not fetched again
+        until its alias moves. Waits up to ``serve.reload_wait_s``, then answers 202.
         """
-        result = self.pool.refresh_now(force=True)
-        return {**result.to_dict(), "state": self.pool.state.describe()}
+        waiter = asyncio.wrap_future(self.pool.request_check())
+        try:
+            result = await asyncio.wait_for(asyncio.shield(waiter), self.serve.reload_wait_s)
+        except TimeoutError:
+            return JSONResponse(
+                {
+                    "status": "in_progress",
+                    "detail": f"the check did not finish within {self.serve.reload_wait_s:g} s; "
+                    "see GET /model",
+                    "state": self.pool.state.describe(),
+                },
+                status_code=202,
+            )
+        return JSONResponse(
+            {"status": "done", **result.to_dict(), "state": self.pool.state.describe()}
+        )
 
 
 def _reject(endpoint: str, status: int, reason: str) -> None:

@@ -13,13 +13,16 @@ import os
 import random
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ml import artifacts, registry
 from ml.registry import CANARY_SHARE_TAG, CHALLENGER, CHAMPION
+from ml.serving.futures import settle
 from ml.serving.loading import ServedModel, now_iso
+from ml.serving.worker import ModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +173,11 @@ class ModelPool:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._done = threading.Condition()
-        self._generation = 0  # checks finished by the polling thread
-        self._started = 0  # checks started by the polling thread
-        self._force = False
-        self._last: RefreshResult | None = None
+        self._done = threading.Lock()
+        self._next: Future[RefreshResult] | None = None  # the check callers wait for
+        self._reset = False
+        self.checks = 0  # registry checks run (a reload storm coalesces into few)
+        self.coalesce_seconds = 0.25  # a requested check waits this long for more requests
         self._thread: threading.Thread | None = None
         self.rng = random.Random()
 
@@ -198,21 +201,30 @@ class ModelPool:
             self._thread.join(timeout)
             self._thread = None
 
-    def refresh_now(self, force: bool = True, timeout: float = 300.0) -> RefreshResult:
-        """Have the polling thread check the registry now, and wait for its result.
+    def request_check(self, *, reset: bool = False) -> Future[RefreshResult]:
+        """Have the polling thread check the registry soon; the future yields that check.
 
-        Loading stays on the (lower-priority) polling thread; without one, refresh inline.
+        Requests coalesce: every caller before the check starts gets the same future, so a
+        storm of reloads costs one check. ``reset`` forgets the loaded models first (their
+        process was restarted) and loads the aliases' versions again. A version whose load
+        failed is not tried again until its alias moves (or the service restarts). Without a
+        polling thread the check runs inline.
         """
         if self._thread is None:
-            return self.refresh(force=force)
+            done: Future[RefreshResult] = Future()
+            done.set_result(self.refresh(reset=reset))
+            return done
         with self._done:
-            self._force = self._force or force
-            target = self._started + 1  # a check that starts after this request
-            self._wake.set()
-            if not self._done.wait_for(lambda: self._generation >= target, timeout):
-                raise TimeoutError(f"no registry check finished within {timeout:.0f} s")
-            assert self._last is not None
-            return self._last
+            self._reset = self._reset or reset
+            if self._next is None:
+                self._next = Future()
+            waiter = self._next
+        self._wake.set()
+        return waiter
+
+    def refresh_now(self, timeout: float = 300.0, *, reset: bool = False) -> RefreshResult:
+        """:meth:`request_check` and wait for it."""
+        return self.request_check(reset=reset).result(timeout)
 
     def _poll(self) -> None:
         try:  # loading and quantising a model must not take CPU from requests (Linux only)
@@ -220,22 +232,26 @@ class ModelPool:
         except (AttributeError, OSError):
             pass
         while not self._stop.is_set():
-            self._wake.wait(self.poll_seconds)
+            if self._wake.wait(self.poll_seconds) and self.coalesce_seconds > 0:
+                # Asked for: let the rest of a storm of requests join this check.
+                self._stop.wait(self.coalesce_seconds)
             self._wake.clear()
             if self._stop.is_set():
-                return
+                break
             with self._done:
-                force, self._force = self._force, False
-                self._started += 1
+                waiter, self._next = self._next, None
+                reset, self._reset = self._reset, False
             result: RefreshResult | None = None
             try:
-                result = self.refresh(force=force)
+                result = self.refresh(reset=reset)
             except Exception:  # noqa: BLE001 - the poller must survive anything
                 log.exception("registry check failed")
-            with self._done:
-                self._last = result or self._result(self._state, (), "registry check failed")
-                self._generation += 1
-                self._done.notify_all()
+            if waiter is not None:
+                settle(waiter, result or self._result(self._state, (), "registry check failed"))
+        with self._done:
+            waiter, self._next = self._next, None
+        if waiter is not None:
+            settle(waiter, exc=RuntimeError("the model pool was stopped"))
 
     def _get(
         self,
@@ -263,6 +279,9 @@ class ModelPool:
             model = self._load(info)
             if self._warmup is not None:
                 self._warmup(model)
+        except ModelUnavailable as exc:  # the process is down, not the version: try again later
+            log.warning("cannot load v%s for %s now: %s", version, alias, exc)
+            return None, failure, True
         except Exception as exc:  # noqa: BLE001 - reported in /model and the log
             log.exception(
                 "cannot load %s v%s for %s; keeping the current model",
@@ -276,13 +295,18 @@ class ModelPool:
             failure = None
         return model, failure, False
 
-    def refresh(self, force: bool = False) -> RefreshResult:
+    def refresh(self, force: bool = False, *, reset: bool = False) -> RefreshResult:
         """Check the aliases now; load, warm and swap in any version that changed.
 
-        ``force`` retries a version whose load failed before.
+        ``force`` retries a version whose load failed before; ``reset`` forgets the loaded
+        models (their process was restarted) and loads them again.
         """
         with self._lock:
+            self.checks += 1
             current = self._state
+            if reset:
+                current = replace(current, champion=None, challenger=None, canary_share=0.0)
+                self._state = current
             try:
                 champ_info = self._resolve(CHAMPION)
                 chall_info = self._resolve(CHALLENGER)
@@ -306,7 +330,7 @@ class ModelPool:
                     )
             else:
                 model, failure, failed = self._get(CHAMPION, loaded, failure, champ_info, force)
-                errors += [failure.error] if failed and failure else []
+                errors += [failure.error if failure else "model process down"] if failed else []
                 if model is not None:
                     if champion is None or model.version != champion.version:
                         swapped.append(
@@ -327,7 +351,7 @@ class ModelPool:
                 challenger, failure, failed = self._get(
                     CHALLENGER, loaded, failure, chall_info, force
                 )
-                errors += [failure.error] if failed and failure else []
+                errors += [failure.error if failure else "model process down"] if failed else []
             old = current.challenger.version if current.challenger else None
             new = challenger.version if challenger else None
             if old != new:
@@ -382,11 +406,15 @@ class ModelPool:
 
 
 def registry_loader(
-    load_dir: Callable[[Path, Any], ServedModel], *, keep_versions: int = 3
+    load_dir: Callable[[Path, Any], ServedModel],
+    *,
+    keep_versions: int = 3,
+    vet: Callable[[Path, Any], None] | None = None,
 ) -> Callable[[Any], ServedModel]:
     """A ``load`` for :class:`ModelPool`: the version's local copy
-    (:func:`ml.artifacts.cached_model_dir`), then ``load_dir(path, info)``
-    (:meth:`ml.serving.worker.ModelProcess.loader`).
+    (:func:`ml.artifacts.cached_model_dir`), checked by ``vet(path, info)`` when given
+    (:meth:`ml.serving.vetting.Vetter.vet`, in a process of its own), then
+    ``load_dir(path, info)`` (:meth:`ml.serving.worker.ModelProcess.loader`).
 
     A restarted service loads its champion from disk instead of fetching it again; a copy that
     fails to load is deleted, so the next attempt fetches it afresh.
@@ -395,7 +423,11 @@ def registry_loader(
     def load(info: Any) -> ServedModel:
         path = artifacts.cached_model_dir(str(info.version), info.name, keep=keep_versions)
         try:
+            if vet is not None:
+                vet(path, info)
             return load_dir(path, info)
+        except ModelUnavailable:  # the process is down: the copy is fine
+            raise
         except BaseException:
             artifacts.discard(path)
             raise

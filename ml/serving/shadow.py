@@ -331,6 +331,7 @@ class ShadowModels:
         self._lock = threading.Lock()
         self._wanted: set[str] = set()  # versions the pool holds
         self._loaded: set[str] = set()  # ... that the shadow process has loaded
+        self._sources: dict[str, tuple[Path, Any]] = {}  # key -> (path, info), to load again
 
     def is_loaded(self, key: str) -> bool:
         return key in self._loaded
@@ -363,14 +364,24 @@ class ShadowModels:
     def release(self, key: str) -> None:
         with self._lock:
             self._wanted.discard(key)
+            self._sources.pop(key, None)
             loaded = key in self._loaded
             self._loaded.discard(key)
         if loaded:  # one still loading is freed when it finishes (_finished)
             self._unload(key)
 
+    def reload(self) -> None:
+        """Load every wanted version again (the shadow process was restarted, empty)."""
+        with self._lock:
+            self._loaded.clear()
+            again = [(key, *self._sources[key]) for key in self._wanted if key in self._sources]
+        for key, path, info in again:
+            self._mirror(path, info, key)
+
     def _mirror(self, path: Path, info: Any, key: str) -> None:
         with self._lock:
             self._wanted.add(key)
+            self._sources[key] = (path, info)
         try:
             future = self._start_load(path, info)
         except Exception:  # noqa: BLE001 - the pool's load must not fail for the shadow

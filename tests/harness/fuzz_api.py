@@ -68,6 +68,7 @@ GUARD_STATUSES = {
     "401": "Missing X-API-Key header",
     "403": "Invalid API key, or a key without the role this endpoint needs",
     "413": "Request body over the size limit",
+    "415": "Content-Type other than application/json",
     "422": "Well-formed JSON of the wrong shape",
     "429": "Rate limit exceeded",
 }
@@ -466,7 +467,7 @@ def _probes() -> list[Probe]:
 
     return [
         ("valid, text/plain", "POST", "/predict", b'{"texts": ["fine"]}',
-         {"Content-Type": "text/plain"}, frozenset({200})),
+         {"Content-Type": "text/plain"}, frozenset({415})),
         ("5000-digit number", "POST", "/predict", b'{"texts": [' + b"9" * 5000 + b"]}",
          {}, BAD_INPUT),
         ("5000-digit number (feedback)", "POST", "/feedback",

@@ -358,7 +358,9 @@ def test_bad_feedback_and_oversize_bodies_get_a_4xx(stack: Stack) -> None:
             for _ in range(20):
                 yield b" " * 60_000
 
-        streamed = client.post("/predict", content=chunks())
+        streamed = client.post(
+            "/predict", content=chunks(), headers={"Content-Type": "application/json"}
+        )
     assert label.status_code == 422 and "unknown label 'happy'" in label.json()["error"]
     assert declared.status_code == 413 and "over the limit" in declared.json()["error"]
     assert streamed.status_code == 413
