@@ -31,6 +31,7 @@ import logging
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -685,6 +686,10 @@ def main(argv: list[str] | None = None) -> int:
         "step_seconds": step_seconds,
         "texts": len(texts),
     }
+    # wrk (one thread, C) takes far less CPU than a Python load generator, which on two cores
+    # would take one of them from the server it measures.
+    use_wrk = shutil.which("wrk") is not None
+    result["load_generator"] = "wrk" if use_wrk else "python (aiohttp)"
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         work = Path(tmp)
         choice = choose_model(work)
@@ -721,6 +726,7 @@ def main(argv: list[str] | None = None) -> int:
                     step_seconds=step_seconds,
                     fractions=fractions,
                     pid=naive_server.proc.pid,
+                    use_wrk=use_wrk,
                 )
             )
         finally:
@@ -746,6 +752,7 @@ def main(argv: list[str] | None = None) -> int:
                     step_seconds=step_seconds,
                     fractions=fractions,
                     pid=service.proc.pid,
+                    use_wrk=use_wrk,
                 )
             )
         finally:

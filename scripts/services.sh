@@ -2,7 +2,7 @@
 # Throwaway PostgreSQL and Redis servers on loopback, for the tests and for local runs.
 #
 # Usage: scripts/services.sh COMMAND [ARG]
-#   install          apt-get install postgresql and redis-server, only where their binaries are missing
+#   install          apt-get install postgresql, redis-server and wrk, only where their binaries are missing
 #                    (as root, or with sudo that needs no password; otherwise says what to run)
 #   start            start both servers (idempotent: a running server is left as it is)
 #   stop             stop both servers (idempotent)
@@ -72,8 +72,9 @@ cmd_install() {
     local packages=()
     have_postgres || packages+=(postgresql)
     have_redis || packages+=(redis-server)
+    command -v wrk >/dev/null 2>&1 || packages+=(wrk)  # the serving benchmark's load generator
     if ((${#packages[@]} == 0)); then
-        log "postgresql and redis-server already installed"
+        log "postgresql, redis-server and wrk already installed"
         return
     fi
     local sudo=()
