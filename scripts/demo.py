@@ -85,7 +85,7 @@ class Service:
 
         return dict(httpx.get(f"{self.url}/model", timeout=10).json())
 
-    def wait_serving(self, champion: str, challenger: str | None = None, timeout: float = 120):
+    def wait_serving(self, champion: str, challenger: str | None = None, timeout: float = 300):
         """Until /model reports the given champion (and challenger, or none)."""
 
         def serving() -> dict[str, Any] | None:
