@@ -162,8 +162,13 @@ def test_a_cross_origin_simple_post_never_reaches_the_endpoint(client: TestClien
     assert "access-control-allow-origin" not in resp.headers
 
 
-def test_admin_endpoints_take_any_body(client: TestClient) -> None:
-    assert client.post("/admin/reload").status_code == 200
+def test_admin_endpoints_take_any_body_from_loopback_only_without_keys(
+    client: TestClient, static_dir: Path
+) -> None:
+    refused = client.post("/admin/reload")  # TestClient's address is "testclient"
+    assert refused.status_code == 403 and "'admin' role" in refused.json()["error"]
+    with TestClient(_app(static_dir, [], []), client=("127.0.0.1", 5000)) as local:
+        assert local.post("/admin/reload", content=b"anything").status_code == 200
 
 
 def test_two_content_type_headers_are_refused(client: TestClient) -> None:
@@ -217,9 +222,9 @@ def test_unknown_paths_reach_the_metrics_as_one_path(
         client.get("/model"),
         client.get("/"),
         client.get("/static_content/swagger-ui.css"),
-        client.post("/admin/reload"),
+        client.post("/admin/reload"),  # 403: not loopback, no keys; still its own path
     ]
-    assert [r.status_code for r in known] == [200] * 4
+    assert [r.status_code for r in known] == [200, 200, 200, 403]
     client.get("/predict")  # a known path with the wrong method keeps its own label
     assert [p for p, _ in seen] == [
         "/model",
