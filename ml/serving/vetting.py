@@ -62,30 +62,42 @@ class Vetter:
                 f"{self.limits.max_artifact_mb:g}"
             )
         with self._lock:  # one at a time: the pool loads one version at a time anyway
-            process = self._process
-            if process is None or not process.alive:
-                process = self._process = self._make().start()  # raises: not the version's fault
-            try:
-                handle = process.load_dir(path, info, timeout=self.limits.timeout_s, **load_kwargs)
-            except FutureTimeout:
-                self._discard()
-                self.refused += 1
-                raise ModelLoadError(
-                    f"loading did not finish within serve.vet_timeout_s={self.limits.timeout_s:g} s"
-                ) from None
-            except ModelUnavailable:
-                code = process.exitcode
-                self._discard()
-                self.refused += 1
-                raise ModelLoadError(
-                    f"loading killed the process that tried it (exit code {code}; over "
-                    f"serve.vet_memory_mb={self.limits.memory_mb:g}, or a crash in the loader)"
-                ) from None
-            except ModelLoadError:
-                self.refused += 1
-                raise
-            process.unload_now(handle.key)
-            self.vetted += 1
+            while True:
+                process = self._process
+                fresh = process is None or not process.alive
+                if fresh:
+                    process = self._process = self._make().start()  # raises: not the version's
+                assert process is not None
+                try:
+                    handle = process.load_dir(
+                        path, info, timeout=self.limits.timeout_s, **load_kwargs
+                    )
+                except FutureTimeout:
+                    self._discard()
+                    self.refused += 1
+                    raise ModelLoadError(
+                        f"loading did not finish within serve.vet_timeout_s="
+                        f"{self.limits.timeout_s:g} s"
+                    ) from None
+                except ModelUnavailable:
+                    code = process.exitcode
+                    self._discard()
+                    if not fresh:
+                        # A process kept from an earlier vet may have been dying already (the
+                        # OOM killer, a signal): only a fresh process's death is the version's.
+                        log.info("vetting process died under %s; trying a fresh one", path)
+                        continue
+                    self.refused += 1
+                    raise ModelLoadError(
+                        f"loading killed the process that tried it (exit code {code}; over "
+                        f"serve.vet_memory_mb={self.limits.memory_mb:g}, or a crash in the loader)"
+                    ) from None
+                except ModelLoadError:
+                    self.refused += 1
+                    raise
+                process.unload_now(handle.key)
+                self.vetted += 1
+                return
 
     def _discard(self) -> None:
         if self._process is not None:

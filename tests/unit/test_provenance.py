@@ -100,13 +100,13 @@ async def _echo(request: Request) -> JSONResponse:
     return JSONResponse({"source": source_of(request), "state": dict(request.scope["state"])})
 
 
-def _client(keys: str | None) -> TestClient:
+def _client(keys: str | None, address: str = "testclient") -> TestClient:
     inner = Starlette(
         routes=[Route(path, _echo, methods=["POST"]) for path in BODIES]
         + [Route("/admin/nope", _echo, methods=["POST"])]
     )
     env = {"DRIFTLOOP_RATE_LIMIT": 0, **({"DRIFTLOOP_API_KEYS": keys} if keys else {})}
-    return TestClient(RequestGuard(inner, settings=Settings(**env)))
+    return TestClient(RequestGuard(inner, settings=Settings(**env)), client=(address, 5000))
 
 
 KEYS = "k-bare,k-predict:predict,k-feedback:feedback,k-admin:admin"
@@ -164,14 +164,17 @@ def test_the_endpoint_gets_the_key_id_and_never_the_key() -> None:
     assert "k-bare" not in resp.text
 
 
-def test_open_mode_sources_are_client_addresses_and_admin_stays_open() -> None:
+def test_open_mode_sources_are_client_addresses_and_admin_is_loopback_only() -> None:
     with _client(None) as client:
         feedback = client.post("/feedback", json=BODIES["/feedback"])
         claimed = client.post(
             "/feedback", json=BODIES["/feedback"], headers={"X-API-Key": "pick-my-id"}
         )
-        admin = client.post("/admin/reload")
-    assert feedback.status_code == claimed.status_code == admin.status_code == 200
+        remote_admin = client.post("/admin/reload", headers={"X-API-Key": "pick-my-id"})
+    with _client(None, address="127.0.0.1") as local:
+        local_admin = local.post("/admin/reload")
+    assert feedback.status_code == claimed.status_code == local_admin.status_code == 200
+    assert remote_admin.status_code == 403  # no key makes a remote client an admin
     assert feedback.json()["source"] == address_id("testclient")  # TestClient's client host
     assert claimed.json()["source"] == address_id("testclient")  # a header chooses nothing
 
