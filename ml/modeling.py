@@ -124,17 +124,50 @@ def iter_batches(
     max_length: int,
     shuffle_seed: int | None = None,
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
-    """Yield ``(indices, encoded batch)`` with dynamic padding to each batch's longest text."""
-    lengths = token_lengths(tokenizer, texts, max_length)
+    """Yield ``(indices, encoded batch)`` with dynamic padding to each batch's longest text.
+
+    Every text is tokenised once, in one call (the fast tokenizer encodes the list in Rust);
+    each length-sorted batch is then padded from those ids, the same tensors a second
+    ``tokenizer(batch, padding=True)`` call would give (docs/serving.md, batching).
+    """
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+    lengths = [len(ids) for ids in enc["input_ids"]]
     for idx in length_buckets(lengths, batch_size, shuffle_seed):
-        enc = tokenizer(
-            [texts[i] for i in idx],
-            truncation=True,
-            max_length=max_length,
-            padding=True,
-            return_tensors="pt",
-        )
-        yield idx, dict(enc)
+        yield idx, pad_batch(tokenizer, enc, idx, lengths)
+
+
+def pad_batch(
+    tokenizer: PreTrainedTokenizerBase, enc: Any, idx: Sequence[int], lengths: Sequence[int]
+) -> dict[str, torch.Tensor]:
+    """The rows ``idx`` of an unpadded encoding as padded ``int64`` tensors.
+
+    Pads as the tokenizer does (its pad token and token type, its padding side, attention 0);
+    an encoding with other fields goes through ``tokenizer.pad``.
+    """
+    import numpy as np
+    import torch
+
+    pads = {
+        "input_ids": tokenizer.pad_token_id,
+        "token_type_ids": tokenizer.pad_token_type_id,
+        "attention_mask": 0,
+    }
+    if tokenizer.pad_token_id is None or not set(enc.keys()) <= set(pads):
+        rows = {k: [enc[k][i] for i in idx] for k in enc.keys()}
+        return dict(tokenizer.pad(rows, padding=True, return_tensors="pt"))
+    width = max(lengths[i] for i in idx)
+    left = tokenizer.padding_side == "left"
+    out: dict[str, torch.Tensor] = {}
+    for key in enc.keys():
+        arr = np.full((len(idx), width), pads[key], dtype=np.int64)
+        for row, i in enumerate(idx):
+            n = lengths[i]
+            if left:
+                arr[row, width - n :] = enc[key][i]
+            else:
+                arr[row, :n] = enc[key][i]
+        out[key] = torch.from_numpy(arr)
+    return out
 
 
 def iter_proba(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -96,8 +96,9 @@ class ServeParams(_Section):
     shadow_batch_texts: Annotated[int, Field(ge=1)] = 64
     shadow_batch_size: Annotated[int, Field(ge=1)] = 16
     # Backend: "auto" measures the candidates on this machine and keeps the fastest within
-    # ``max_recall_drop`` of fp32's macro-recall; or one of fp32, bf16, int8.
-    backend: str = "auto"
+    # ``max_recall_drop`` of fp32's macro-recall (ml.serving.backend_choice); or one of fp32,
+    # bf16, onnx-int8 (CPU) and fp16 (CUDA) to force it.
+    backend: Literal["auto", "fp32", "bf16", "onnx-int8", "fp16"] = "auto"
     max_recall_drop: Annotated[float, Field(ge=0, le=1)] = 0.01
     # Admission: texts waiting for or in inference at most; beyond it a request gets 503 and
     # Retry-After at once (a request alone is always admitted). And the time a request may wait

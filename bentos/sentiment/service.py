@@ -120,11 +120,18 @@ class SentimentService:
             on_batch=self.metrics.observe_batch,
             max_queue_texts=serve.max_queue_texts,
         ).start()
+        # serve.backend "auto": the vetting process measures the candidates at the serving
+        # thread count and caches the choice beside the version; the processes that serve read
+        # it back (docs/serving.md, loading and precision).
         load_options: dict[str, Any] = {
             "device_setting": settings.device,
             "gpu": gpu,
             "max_length": params.evaluate.max_length,
-            "batch_size": serve.gpu_batch_size if gpu else serve.batch_size,
+            "batch_size": serve.batch_size,
+            "gpu_batch_size": serve.gpu_batch_size,
+            "precision": serve.backend,
+            "threads": None if gpu else serving_threads(),
+            "max_recall_drop": serve.max_recall_drop,
         }
         load_dir = self.models.loader(**load_options)
         release = self.models.release

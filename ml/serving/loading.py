@@ -1,4 +1,4 @@
-"""Loading a registered classifier for serving: int8 on CPU, bf16/fp16 on CUDA, checked first.
+"""Loading a registered classifier for serving: the backend measured fastest here, checked first.
 
 See docs/serving.md (loading and precision).
 """
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ml.modeling import iter_proba, load_model, predict_proba
 from ml.params import LABELS
+from ml.serving import backend_choice, backends
 
 if TYPE_CHECKING:
     import numpy as np
@@ -106,43 +107,44 @@ class ServedModel(Protocol):
 
 
 def serving_device(device_setting: str = "auto", gpu: bool = False) -> tuple[str, str]:
-    """``(device, precision)`` for serving.
+    """``(device, backend)`` for serving when nothing is measured.
 
     CUDA is used when GPU serving is on (or ``DRIFTLOOP_DEVICE=cuda``) and torch sees a GPU, in
-    bf16 where the GPU supports it and fp16 otherwise. Everything else runs on CPU with dynamic
-    int8 quantisation. Asking for the GPU without one is logged loudly, because a GPU resource
-    request alone (BentoML's ``resources={"gpu": 1}``) never moves a model off the CPU.
+    bf16 where the GPU supports it and fp16 otherwise. Everything else runs on CPU: bf16 where
+    the CPU has AMX or AVX-512 BF16, else fp32 (:func:`ml.serving.backends.fixed_backend`).
+    Asking for the GPU without one is logged loudly, because a GPU resource request alone
+    (BentoML's ``resources={"gpu": 1}``) never moves a model off the CPU.
     """
     import torch
 
     wants_cuda = gpu or device_setting == "cuda"
     if wants_cuda and torch.cuda.is_available():
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        log.info("serving on CUDA (%s) in %s", torch.cuda.get_device_name(0), precision)
-        return "cuda", precision
+        backend = backend_choice.gpu_choice().backend
+        log.info("serving on CUDA (%s) in %s", torch.cuda.get_device_name(0), backend)
+        return "cuda", backend
     if device_setting == "cuda":
         raise ModelLoadError("DRIFTLOOP_DEVICE=cuda but torch sees no CUDA device")
+    backend = backends.fixed_backend()
     if gpu:
         log.warning(
             "GPU serving is on (DRIFTLOOP_SERVE_GPU) but torch sees no CUDA device: serving on "
-            "CPU with int8 quantisation instead"
+            "CPU instead (%s)",
+            backend,
         )
-    return "cpu", "int8"
+    return "cpu", backend
 
 
-def prepare_model(model: Any, device: str, precision: str) -> Any:
-    """Move ``model`` to ``device`` in ``precision`` (``int8``, ``bf16``, ``fp16`` or ``fp32``)."""
-    import torch
-
-    model.eval()
-    if precision == "int8":
-        if device != "cpu":
-            raise ModelLoadError("int8 dynamic quantisation runs on CPU only")
-        return torch.ao.quantization.quantize_dynamic(
-            model.to("cpu"), {torch.nn.Linear}, dtype=torch.qint8
-        )
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    return model.to(device=device, dtype=dtype)
+def prepare_model(
+    model: Any, device: str, precision: str, *, model_dir: str | Path | None = None
+) -> Any:
+    """``model`` made ready to run on ``device`` as backend ``precision``
+    (:func:`ml.serving.backends.prepare`)."""
+    try:
+        return backends.prepare(precision, model, device=device, model_dir=model_dir)
+    except backends.BackendError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"cannot prepare the {precision} backend on {device}: {exc}") from exc
 
 
 def check_outputs(model: ServingModel, texts: Sequence[str] = WARMUP_TEXTS) -> np.ndarray:
@@ -167,7 +169,11 @@ def load_for_serving(
     precision: str | None = None,
     max_length: int = 64,
     batch_size: int = 32,
+    gpu_batch_size: int = backends.GPU_BATCH_SIZE,
     run_id: str = "",
+    threads: int | None = None,
+    val_path: str | Path | None = None,
+    max_recall_drop: float = 0.01,
 ) -> ServingModel:
     """Load an HF classifier dir for serving and check that it answers sensibly.
 
@@ -177,16 +183,27 @@ def load_for_serving(
         version: Registered version.
         device_setting: ``DRIFTLOOP_DEVICE`` (``auto``, ``cpu``, ``cuda``).
         gpu: ``DRIFTLOOP_SERVE_GPU``: serve on CUDA in half precision when a GPU is visible.
-        precision: Force a precision (``fp32`` to compare with the quantised model).
+        precision: The backend (``params.yaml`` ``serve.backend``): ``auto`` measures the
+            candidates on this machine (:func:`ml.serving.backend_choice.choose_backend`, cached
+            beside ``path``); ``fp32``, ``bf16``, ``onnx-int8`` (``fp16`` on CUDA) force one;
+            None takes the fixed default of :func:`serving_device` without measuring.
         max_length: Tokens per text (longer texts are truncated).
-        batch_size: Texts per forward pass; the batcher's batches are cut to this size.
+        batch_size: Texts per forward pass on CPU; the batcher's batches are cut to this size.
+        gpu_batch_size: Texts per forward pass on CUDA.
         run_id: The MLflow run that produced the version (part of the cache key).
+        threads: Intra-op threads ``auto`` measures at: the serving process's count (default:
+            this process's torch count).
+        val_path: Labelled texts ``auto`` measures on (default: ``params.yaml`` ``data.val``);
+            without them ``auto`` takes the fixed default and says why.
+        max_recall_drop: How far below fp32's macro-recall a backend ``auto`` picks may be.
 
     Raises:
+        BackendError: ``precision`` names no backend of the device.
         ModelLoadError: The directory does not hold a three-class classifier that works.
     """
-    device, chosen = serving_device(device_setting, gpu)
-    precision = precision or chosen
+    device, fixed = serving_device(device_setting, gpu)
+    if precision is not None:
+        backends.check_name(precision, device=device)
     started = time.perf_counter()
     try:
         model, tokenizer = load_model(path, device="cpu")
@@ -198,24 +215,80 @@ def load_for_serving(
         raise ModelLoadError(
             f"{name} v{version} predicts {labels}, but the service serves {list(LABELS)}"
         )
+    if not getattr(tokenizer, "is_fast", False):
+        log.warning("%s v%s has a slow (Python) tokenizer: batches tokenise slowly", name, version)
+    backend, how = fixed, "fixed default"
+    if device == "cuda":
+        batch_size = gpu_batch_size
+        if precision not in (None, "auto"):
+            backend, how = precision, "asked for"
+    elif precision == "auto":
+        backend, how = _auto_backend(
+            path,
+            model,
+            tokenizer,
+            fixed=fixed,
+            threads=threads,
+            val_path=val_path,
+            batch_size=batch_size,
+            max_length=max_length,
+            max_recall_drop=max_recall_drop,
+        )
+    elif precision is not None:
+        backend, how = precision, "asked for"
+        if (why := backends.unavailable(precision)) is not None:
+            log.warning("serving backend %s was asked for, but %s", precision, why)
     served = ServingModel(
         name=name,
         version=str(version),
-        model=prepare_model(model, device, precision),
+        model=prepare_model(model, device, backend, model_dir=path),
         tokenizer=tokenizer,
         device=device,
-        precision=precision,
+        precision=backend,
         max_length=max_length,
         batch_size=batch_size,
         run_id=run_id,
     )
     check_outputs(served)
     log.info(
-        "loaded %s v%s on %s (%s) in %.1f s",
+        "loaded %s v%s on %s (%s, %s; batch %d) in %.1f s",
         name,
         version,
         device,
-        precision,
+        backend,
+        how,
+        batch_size,
         time.perf_counter() - started,
     )
     return served
+
+
+def _auto_backend(
+    path: str | Path,
+    model: Any,
+    tokenizer: Any,
+    *,
+    fixed: str,
+    threads: int | None,
+    val_path: str | Path | None,
+    batch_size: int,
+    max_length: int,
+    max_recall_drop: float,
+) -> tuple[str, str]:
+    """``(backend, how it was chosen)`` for ``precision="auto"`` on CPU."""
+    val = backend_choice.read_val(val_path)
+    if val is None:
+        log.warning("serving backend: no validation texts to measure on, so %s (fixed)", fixed)
+        return fixed, "fixed default: no validation texts"
+    choice = backend_choice.choose_backend(
+        path,
+        threads=threads,
+        val_texts=val[0],
+        val_labels=val[1],
+        batch_size=batch_size,
+        max_length=max_length,
+        max_recall_drop=max_recall_drop,
+        model=model,
+        tokenizer=tokenizer,
+    )
+    return choice.backend, "cached choice" if choice.cached else "measured"

@@ -26,6 +26,7 @@ import pytest
 import sqlalchemy as sa
 
 from ml.params import LABELS
+from ml.serving import backends
 from ml.serving.launch import serve_argv
 from ml.serving.provenance import key_id
 from scripts.procs import free_port, terminate_group
@@ -207,9 +208,23 @@ def test_model_names_the_champion_without_a_key(stack: Stack) -> None:
     assert champion["version"] == stack.versions["good"] and champion["loaded"]
     assert champion["metrics"]["macro_recall"] == pytest.approx(0.41)
     assert champion["traffic_share"] == 1.0
-    assert (champion["device"], champion["precision"]) == ("cpu", "int8")
+    # serve.backend auto: measured in the vetting process, the choice read back here.
+    assert champion["device"] == "cpu" and champion["precision"] in backends.BACKENDS
     assert info["challenger"] is None and info["last_load_failure"] is None
     assert info["cache"]["backend"] == "redis"
+
+
+def test_each_version_is_measured_once_and_its_backend_choice_read_back(stack: Stack) -> None:
+    """serve.backend auto: the vetting process measures a version's backends and caches the
+    choice beside it; the serving process reads the choice back instead of measuring again."""
+    log_text = stack.log_path.read_text(errors="replace")
+    measured = re.findall(r"serving backend for (\S+) \(measured in", log_text)
+    cached = re.findall(r"serving backend for (\S+) \(cached\)", log_text)
+    assert measured, stack.log_tail()
+    assert len(measured) == len(set(measured)), measured  # never twice for one version
+    assert set(measured) <= set(cached), (measured, cached)  # each read back where it serves
+    chosen = re.findall(r"loaded sentiment v\S+ on cpu \((\S+), cached choice", log_text)
+    assert chosen and set(chosen) <= set(backends.BACKENDS), chosen
 
 
 def test_predictions_and_feedback_land_in_postgres(stack: Stack) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from ml.modeling import load_model, load_tokenizer, predict_proba, save_model, tiny_classifier
+from ml.serving import backends
 from ml.serving.batcher import MicroBatcher
 from ml.serving.loading import (
     WARMUP_TEXTS,
@@ -55,16 +56,11 @@ TEXTS = [
 ]
 
 
-def test_cpu_serving_quantises_and_stays_close_to_fp32(
+def test_cpu_serving_without_a_measurement_takes_the_fixed_backend_and_stays_close_to_fp32(
     tiny_model_dir: Path, served: ServingModel
 ) -> None:
-    import torch
-
-    assert (served.device, served.precision) == ("cpu", "int8")
-    quantised = [
-        m for m in served.model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)
-    ]
-    assert len(quantised) >= 10  # every encoder projection and the classifier head
+    # No serve.backend given: bf16 where the CPU has it natively, else fp32 (no measuring).
+    assert (served.device, served.precision) == ("cpu", backends.fixed_backend())
     model, tok = load_model(tiny_model_dir)
     reference = predict_proba(model, tok, TEXTS)
     got = served.predict(TEXTS)
@@ -108,7 +104,7 @@ def test_gpu_setting_without_cuda_says_so_and_serves_on_cpu(
         assert device == "cuda" and precision in ("bf16", "fp16")
         return
     with caplog.at_level(logging.WARNING, logger="ml.serving.loading"):
-        assert serving_device("auto", gpu=True) == ("cpu", "int8")
+        assert serving_device("auto", gpu=True) == ("cpu", backends.fixed_backend())
     assert "no CUDA device" in caplog.text
     with pytest.raises(ModelLoadError, match="cuda"):
         serving_device("cuda", gpu=False)
@@ -335,7 +331,8 @@ def test_model_process_loads_predicts_and_reports_failures(
         assert models.alive
         first = models.load_dir(tiny_model_dir, Version("sentiment", "1", run_id="abc"))
         second = models.load_dir(second_model_dir, Version("sentiment", "2"))
-        assert (first.key, first.device, first.precision) == ("sentiment/1/abc", "cpu", "int8")
+        assert (first.key, first.device) == ("sentiment/1/abc", "cpu")
+        assert first.precision == backends.fixed_backend()
         got = models.predict(first.key, TEXTS, timeout=60)
         np.testing.assert_allclose(got, served.predict(TEXTS), atol=2e-3)
         assert np.abs(models.predict(second.key, TEXTS, timeout=60) - got).max() > 0.3
