@@ -419,7 +419,9 @@ def test_moving_champion_swaps_without_a_failed_request(stack: Stack, registry_e
                 resp = client.post("/predict", json={"texts": [f"swap {n} {i}"]})
                 version = resp.json().get("model_version") if resp.status_code == 200 else None
                 results.append((time.monotonic() - started, resp.status_code, version))
-                time.sleep(0.02)
+                # ~10 req/s in all: the swap (vetting and measuring the new version's backends
+                # first) must fit in the key's RATE_LIMIT per minute.
+                time.sleep(0.2)
 
     threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(2)]
     for t in threads:
