@@ -700,7 +700,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         try:
             service.wait_ready("/readyz")
-            champion = httpx.get(f"{service.url}/model", timeout=30).json()["champion"]
+            champion = httpx.get(f"http://127.0.0.1:{service.port}/model", timeout=30).json()[
+                "champion"
+            ]
             result["service_backend"] = champion["precision"]
             result["service"] = asdict(
                 measure_server(
