@@ -116,6 +116,13 @@ class ServeParams(_Section):
     vet_memory_mb: Annotated[float, Field(gt=0)] = 8192
     vet_timeout_s: Annotated[float, Field(gt=0)] = 300
     reload_wait_s: Annotated[float, Field(gt=0)] = 30.0  # /admin/reload waits this long, then 202
+    # BentoML's per-request access log line and OpenTelemetry span on /predict and /feedback.
+    # Off by default: every prediction is already in the prediction log under its request id,
+    # and statuses and latencies are in /metrics; together they cost about a fifth of the
+    # HTTP process's CPU per request (benchmarks/results/serve_bench.md). Probes, /metrics and
+    # /admin keep both.
+    access_log: bool = False
+    trace_requests: bool = False
 
 
 class LabelParams(_Section):

@@ -90,6 +90,42 @@ class ServiceMetrics:
             ["reason"],
         )
 
+        # Sampled every few seconds by ServiceMetrics.sample (the service's state thread), for
+        # monitoring/prometheus/alerts.yml: readiness, admission and the prediction log.
+        self.ready = Gauge(
+            "driftloop_ready",
+            "1 while a model can answer (what /readyz says), else 0",
+            multiprocess_mode="mostrecent",
+        )
+        self.queue_texts = Gauge(
+            "driftloop_queue_texts",
+            "Texts admitted to inference and not yet answered",
+            multiprocess_mode="mostrecent",
+        )
+        self.queue_limit = Gauge(
+            "driftloop_queue_limit_texts",
+            "Admission bound in texts (serve.max_queue_texts); beyond it /predict answers 503",
+            multiprocess_mode="mostrecent",
+        )
+        self.predlog_pending = Gauge(
+            "driftloop_predlog_pending_rows",
+            "Prediction-log rows waiting in memory for the database",
+            multiprocess_mode="mostrecent",
+        )
+        self.predlog_spooled = Gauge(
+            "driftloop_predlog_spooled_rows",
+            "Prediction-log rows spooled on disk while the database was unreachable",
+            multiprocess_mode="mostrecent",
+        )
+
+    def sample(self, *, ready: bool, queue_texts: int, queue_limit: int, pending: int, spooled: int) -> None:
+        """Set the state gauges."""
+        self.ready.set(1 if ready else 0)
+        self.queue_texts.set(queue_texts)
+        self.queue_limit.set(queue_limit)
+        self.predlog_pending.set(pending)
+        self.predlog_spooled.set(spooled)
+
     def error(self, endpoint: str, status: int, reason: str) -> None:
         self.errors.labels(endpoint=endpoint, status=str(status), reason=reason).inc()
 

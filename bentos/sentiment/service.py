@@ -10,6 +10,7 @@ import asyncio
 import logging
 import math
 import os
+import threading
 import time
 from collections import OrderedDict
 from datetime import UTC, datetime
@@ -42,6 +43,7 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 os.environ.setdefault("FORWARDED_ALLOW_IPS", "")
 
 # Batching, admission, supervision and loading limits come from params.yaml's `serve:` section.
+STATE_SAMPLE_S = 2.0  # how often the readiness, queue and prediction-log gauges are set
 RECENT_IDS = 200_000  # request ids remembered in memory, so feedback needs no database read
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -55,6 +57,25 @@ admin_app = FastAPI(title="driftloop admin", docs_url=None, redoc_url=None, open
 PredictRequest = predict_request(
     get_settings().max_texts_per_request, get_settings().max_chars_per_text
 )
+
+
+# The hot paths, left out of BentoML's access log and OpenTelemetry spans unless serve.access_log
+# or serve.trace_requests says otherwise (ml.params.ServeParams: each costs CPU per request).
+HOT_PATHS = ("/predict", "/feedback")
+
+
+def _observability() -> dict[str, Any]:
+    """BentoML's ``logging`` and ``tracing`` service settings from params.yaml's ``serve:``."""
+    from ml.params import load_params
+
+    serve = load_params().serve
+    options: dict[str, Any] = {}
+    if not serve.access_log:
+        options["logging"] = {"access": {"skip_paths": list(HOT_PATHS)}}
+    if not serve.trace_requests:
+        # Matched (re.search) against the request's whole URL.
+        options["tracing"] = {"excluded_urls": [f"{p}(\\?|$)" for p in HOT_PATHS]}
+    return options
 
 
 def _resources() -> dict[str, Any]:
@@ -80,6 +101,7 @@ def _error(
     workers=1,
     traffic={"timeout": 60},
     resources=_resources(),
+    **_observability(),
 )
 @bentoml.asgi_app(admin_app, path="/")
 class SentimentService:
@@ -222,6 +244,9 @@ class SentimentService:
         ).start()
         # Request ids predicted here -> the label given for it (None: none yet).
         self._recent: OrderedDict[str, str | None] = OrderedDict()
+        # Readiness, admission and prediction-log state as gauges, for the alert rules.
+        self._sampling = threading.Event()
+        threading.Thread(target=self._sample_state, name="driftloop-state", daemon=True).start()
         log.info(
             "serving %s: champion v%s, challenger %s (share %.2f); registry checked every %.0f s",
             settings.model_name,
@@ -253,8 +278,23 @@ class SentimentService:
         restarts a model process, so the orchestrator need not restart it."""
         return True
 
+    def _sample_state(self) -> None:
+        while not self._sampling.wait(STATE_SAMPLE_S):
+            try:
+                stats = self.predlog.stats()
+                self.metrics.sample(
+                    ready=self.__is_ready__(),
+                    queue_texts=self.models.queued_texts,
+                    queue_limit=self.serve.max_queue_texts,
+                    pending=stats.pending,
+                    spooled=stats.spooled,
+                )
+            except Exception:  # noqa: BLE001 - a gauge never stops the service
+                log.exception("could not sample the service's state gauges")
+
     @bentoml.on_shutdown
     def shutdown(self) -> None:
+        self._sampling.set()
         self.supervisor.stop()
         self.pool.stop()
         self.vetter.close()

@@ -61,6 +61,7 @@ STACK = {
 LOOP_METRICS = {
     "driftloop_drift_score",
     "driftloop_drift_detected",
+    "driftloop_drift_last_run_timestamp_seconds",
     "driftloop_retrainings_total",
     "driftloop_promotions_total",
     "driftloop_rollbacks_total",
