@@ -118,7 +118,9 @@ class ServiceMetrics:
             multiprocess_mode="mostrecent",
         )
 
-    def sample(self, *, ready: bool, queue_texts: int, queue_limit: int, pending: int, spooled: int) -> None:
+    def sample(
+        self, *, ready: bool, queue_texts: int, queue_limit: int, pending: int, spooled: int
+    ) -> None:
         """Set the state gauges."""
         self.ready.set(1 if ready else 0)
         self.queue_texts.set(queue_texts)
