@@ -69,12 +69,14 @@ def monitor_drift() -> None:
 
     @task
     def report(params: dict | None = None) -> dict:
+        from ml import events
         from ml.drift import run_drift
         from ml.lifecycle.metrics import emit_drift_metrics
 
         p = params or {}
         result = run_drift(p.get("since"), p.get("until")).to_dict()
         emit_drift_metrics(result)
+        events.emit("drift_verdict", events.drift_event(result))
         return result
 
     @task

@@ -244,6 +244,20 @@ def audit(limit: Annotated[int, typer.Option(help="How many rows, newest first."
     _emit([m.to_dict() for m in audit_log(limit=limit)])
 
 
+@app.command("events-flush")
+def events_flush(
+    now: Annotated[
+        bool, typer.Option("--now", help="Retry every waiting event now, ignoring its backoff.")
+    ] = False,
+) -> None:
+    """Deliver the webhook outbox (DRIFTLOOP_WEBHOOK_URL): what was sent and what still waits."""
+    from dataclasses import asdict
+
+    from ml.events import flush
+
+    _emit(asdict(flush(ignore_backoff=now)))
+
+
 @app.command()
 def serve(
     port: Annotated[int, typer.Option(help="HTTP port")] = 3000,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from ml import events
 from ml.db import alias_audit, get_engine
 from ml.settings import Settings, get_settings
 from ml.stores import ensure_mlflow_store
@@ -352,6 +353,7 @@ def set_alias(
         evidence=evidence,
     )
     log.info("%s: %s %s -> %s (%s)", name, alias, move.from_version, version, reason)
+    events.emit("alias_moved", move.to_dict())
     return move
 
 
@@ -371,7 +373,7 @@ def delete_alias(
     if current is None:
         return None
     client(settings).delete_registered_model_alias(name, alias)
-    return _record(
+    move = _record(
         name=name,
         alias=alias,
         from_version=current.version,
@@ -381,6 +383,8 @@ def delete_alias(
         reason=reason,
         evidence=evidence,
     )
+    events.emit("alias_moved", move.to_dict())
+    return move
 
 
 def record_keep(

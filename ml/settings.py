@@ -100,6 +100,14 @@ class Settings(BaseSettings):
     )
     statsd_port: int = Field(default=9125, validation_alias=AliasChoices("DRIFTLOOP_STATSD_PORT"))
 
+    # --- events out (ml.events, docs/events.md); off when the URL is unset ---
+    webhook_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DRIFTLOOP_WEBHOOK_URL")
+    )
+    webhook_secret: str | None = Field(
+        default=None, validation_alias=AliasChoices("DRIFTLOOP_WEBHOOK_SECRET"), repr=False
+    )
+
     @property
     def database_url(self) -> str:
         """driftloop's own tables (audit log, prediction log): SQLite under ``home`` by default."""

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ml import registry
+from ml import events, registry
 from ml.label_policy import SourceCount
 from ml.lifecycle import sequential
 from ml.lifecycle.evidence import CanaryLabels, VersionStats, canary_labels, version_stats
@@ -343,3 +343,4 @@ def roll_back_canary(decision: CanaryDecision, *, actor: str) -> None:
         evidence=decision.to_dict(),
     )
     emit_metric("rollbacks", 1, kind="counter", reason="canary")
+    events.emit("rollback", {"kind": "canary", "reason": decision.reason, "version": version})

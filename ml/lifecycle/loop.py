@@ -14,7 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ml import registry
+from ml import events, registry
 from ml.db import get_engine, predictions
 from ml.lifecycle import feedback, lock
 from ml.lifecycle.evidence import version_stats, worse_p_value
@@ -210,4 +210,7 @@ def roll_back(decision: LoopDecision, *, actor: str) -> registry.AliasMove:
         actor=actor, reason=f"{decision.reason}; report {decision.evidence.get('report')}"
     )
     emit_metric("rollbacks", 1, kind="counter", reason="live_feedback")
+    events.emit(
+        "rollback", {"kind": "live_feedback", "reason": decision.reason, "move": move.to_dict()}
+    )
     return move
