@@ -25,6 +25,7 @@ from ml.stores import ensure_mlflow_store
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.models import ModelSignature
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,13 @@ REJECTED_TAG = "rejected"
 # What every logged model needs at inference time; explicit because MLflow's inference of the
 # requirements fails on this stack (it looks for torchvision).
 MODEL_PIP_REQUIREMENTS = ["torch==2.13.0", "transformers", "tokenizers", "safetensors"]
+MODEL_TASK = "text-classification"
+# Logged with every model, and answered by it to infer the signature: kept to three tweets.
+INPUT_EXAMPLE: tuple[str, ...] = (
+    "@user I love the new album, best thing this year!",
+    "The meeting moved to Tuesday at 3pm",
+    "worst customer service ever, never flying with them again",
+)
 
 
 class AuditAction(StrEnum):
@@ -136,6 +144,16 @@ def ensure_experiment(settings: Settings | None = None) -> str:
     return str(exp_id)
 
 
+def run_link(run_id: str, settings: Settings | None = None) -> str:
+    """Where a person finds an MLflow run: its page on a tracking server, else its URI."""
+    settings = settings or get_settings()
+    uri = settings.mlflow_tracking_uri
+    if uri.startswith(("http://", "https://")):
+        run = client(settings).get_run(run_id)
+        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return f"runs:/{run_id}"
+
+
 def _info(mv: Any, mlc: MlflowClient) -> ModelVersionInfo:
     metrics: dict[str, float] = {}
     if mv.run_id:
@@ -210,8 +228,13 @@ def register_model(
     reason: str,
     tags: dict[str, str] | None = None,
     name: str | None = None,
+    description: str | None = None,
 ) -> ModelVersionInfo:
-    """Register a logged model as a new version, tagged with why it exists."""
+    """Register a logged model as a new version, tagged with why it exists.
+
+    ``description`` is the version's model card (:mod:`ml.training.model_card`), set as the
+    version is created so that no version exists without it.
+    """
     settings = get_settings()
     mlc = client(settings)
     name = name or settings.model_name
@@ -222,13 +245,38 @@ def register_model(
     all_tags = {"reason": reason, **(tags or {})}
     # A logged model's URI is models:/<model id>; a tracking server wants the id said twice.
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
-    mv = mlc.create_model_version(name, model_uri, run_id=run_id, tags=all_tags, model_id=model_id)
+    mv = mlc.create_model_version(
+        name, model_uri, run_id=run_id, tags=all_tags, model_id=model_id, description=description
+    )
     log.info("registered %s version %s from run %s", name, mv.version, run_id)
     return _info(mlc.get_model_version(name, mv.version), mlc)
 
 
+def model_signature(model: Any, tokenizer: Any) -> ModelSignature:
+    """The pyfunc signature, inferred from the model's own answers to :data:`INPUT_EXAMPLE`.
+
+    Texts in; one label and its probability per text out, as the transformers flavour's
+    ``text-classification`` pyfunc returns them.
+    """
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    from ml.modeling import predict_proba
+    from ml.params import LABELS
+
+    proba = predict_proba(model, tokenizer, INPUT_EXAMPLE)
+    answers = pd.DataFrame(
+        {"label": [LABELS[i] for i in proba.argmax(axis=1)], "score": proba.max(axis=1)}
+    ).astype({"score": "float64"})
+    return infer_signature(list(INPUT_EXAMPLE), answers)
+
+
 def log_model_dir(model_dir: Path) -> str:
-    """Log an HF classifier dir (model + tokenizer) to the active run; return its model URI."""
+    """Log an HF classifier dir (model + tokenizer) to the active run; return its model URI.
+
+    The model carries a signature and :data:`INPUT_EXAMPLE`; MLflow checks that the logged
+    model answers the example (a second load of the model, seconds against minutes of training).
+    """
     import mlflow
 
     from ml.modeling import load_model
@@ -237,8 +285,10 @@ def log_model_dir(model_dir: Path) -> str:
     info = mlflow.transformers.log_model(
         transformers_model={"model": model, "tokenizer": tokenizer},
         name="model",
-        task="text-classification",
+        task=MODEL_TASK,
         pip_requirements=MODEL_PIP_REQUIREMENTS,
+        signature=model_signature(model, tokenizer),
+        input_example=list(INPUT_EXAMPLE),
     )
     return str(info.model_uri)
 
@@ -250,6 +300,7 @@ def register_model_dir(
     metrics: dict[str, float] | None = None,
     name: str | None = None,
     tags: dict[str, str] | None = None,
+    description: str | None = None,
 ) -> ModelVersionInfo:
     """Log a local HF classifier dir to a new MLflow run and register it (tests, imports)."""
     import mlflow
@@ -259,7 +310,9 @@ def register_model_dir(
         if metrics:
             mlflow.log_metrics(metrics)
         uri = log_model_dir(Path(model_dir))
-    return register_model(uri, run.info.run_id, reason=reason, tags=tags, name=name)
+    return register_model(
+        uri, run.info.run_id, reason=reason, tags=tags, name=name, description=description
+    )
 
 
 def download_model(version: str, name: str | None = None, dst: Path | None = None) -> Path:

@@ -8,19 +8,44 @@ knows who called it. Promotion, the step after, is :mod:`ml.lifecycle.promotion`
 from __future__ import annotations
 
 import logging
+import warnings
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ml import registry
-from ml.params import Params, load_params
+from ml.params import LABELS, Params, load_params
 from ml.settings import REPO_ROOT, get_settings
-from ml.training.data import PreparedBatch, dvc_hash, file_md5, prepare_training_batch, read_table
+from ml.training.data import (
+    DataError,
+    PreparedBatch,
+    dvc_hash,
+    file_md5,
+    prepare_training_batch,
+    read_table,
+)
 from ml.training.evaluate import EvalResult, evaluate_model
+from ml.training.model_card import ModelCard, render_card
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
 MODEL_URI_TAG = "driftloop.model_uri"
 EVAL_DATA_TAG = "driftloop.eval_data_md5"
+# Run tags written by :func:`ml.training.lineage.lineage_tags` and :func:`train`.
+DATA_TAG_PREFIX = "driftloop.data."  # + file name -> md5
+MIX_TAG_PREFIX = "driftloop.mix."  # + batch part -> rows
+FEEDBACK_PARTS = ("recent", "older")  # the parts of a batch's mix that are labelled feedback
+
+
+class DatasetContext(StrEnum):
+    """The context each dataset is logged under on a training run (``mlflow.log_inputs``)."""
+
+    TRAINING = "training"
+    VALIDATION = "validation"
+    FEEDBACK = "feedback"
 
 
 def _repo_path(path: str | Path) -> Path:
@@ -73,8 +98,8 @@ def train(
     """Fine-tune on a validated batch inside a new MLflow run; log the model; return ids.
 
     The run carries lineage tags (git commit, DVC/md5 hashes of the data, the reason and the
-    trigger, and ``driftloop.mix.*``: the batch's rows per part) so the MLflow UI says why each
-    model exists and what it learnt from.
+    trigger, and ``driftloop.mix.*``: the batch's rows per part) and its datasets as inputs
+    (:func:`_log_datasets`), so the MLflow UI says why each model exists and what it learnt from.
     """
     import mlflow
 
@@ -95,9 +120,10 @@ def train(
     val_path = _repo_path(params.data.val)
     val = read_table(val_path)
     curve_sample = val.sample(n=min(500, len(val)), random_state=params.data.seed)
-    mix = {f"driftloop.mix.{part}": str(n) for part, n in (batch_mix or {}).items()}
+    mix = {f"{MIX_TAG_PREFIX}{part}": str(n) for part, n in (batch_mix or {}).items()}
     tags = {**lineage_tags(reason, hashes, trigger), **mix, **(extra_tags or {})}
     with mlflow.start_run(tags=tags) as run:
+        _log_datasets(table, batch_path, hashes, val, params, batch_mix or {})
         out_dir = settings.work_dir / "runs" / run.info.run_id / "model"
         result = train_model(
             table,
@@ -117,6 +143,109 @@ def train(
         **result.to_dict(),
         "step_losses": result.step_losses[-5:],
     }
+
+
+def _feedback_rows(
+    table: pd.DataFrame, files: dict[str, str], mix: dict[str, int]
+) -> pd.DataFrame | None:
+    """The batch's rows that came from the labelled feedback ``files``, or None if unknown.
+
+    The batch file keeps only ``label`` and ``text``, so the rows are found by their texts in
+    the feedback files. A text that was also in the base sample counts as base in the mix (the
+    batch holds it once), so a count that differs from the mix is reported, not hidden.
+    """
+    expected = sum(mix.get(part, 0) for part in FEEDBACK_PARTS)
+    if not files:
+        if expected:
+            log.warning(
+                "the batch holds %d feedback rows but its feedback files are unknown (a batch "
+                "given as a table); logging it as one training dataset",
+                expected,
+            )
+        return None
+    texts: set[str] = set()
+    for path in files:
+        try:
+            texts.update(read_table(path)["text"])
+        except (DataError, KeyError) as exc:
+            log.warning("feedback dataset not logged: cannot read %s (%s)", path, exc)
+            return None
+    rows = table[table["text"].isin(texts)]
+    if mix and len(rows) != expected:
+        log.warning(
+            "%d batch rows match the feedback files; the mix says %d (texts also in the base "
+            "sample count as base there)",
+            len(rows),
+            expected,
+        )
+    return rows
+
+
+def _data_tags(hashes: dict[str, str]) -> dict[str, str]:
+    return {f"{DATA_TAG_PREFIX}{Path(path).name}": md5 for path, md5 in sorted(hashes.items())}
+
+
+def _dataset(frame: pd.DataFrame, source: str | Path, name: str, digest: str | None) -> Any:
+    from mlflow.data.pandas_dataset import from_pandas
+
+    with warnings.catch_warnings():
+        # MLflow registers its local-file dataset source twice, then warns that a path "can be
+        # interpreted in multiple ways"; both ways are the same class.
+        warnings.filterwarnings("ignore", message="The specified dataset source")
+        return from_pandas(frame, source=str(source), targets="label", name=name, digest=digest)
+
+
+def _log_datasets(
+    table: pd.DataFrame,
+    batch_path: str | Path,
+    hashes: dict[str, str],
+    val: pd.DataFrame,
+    params: Params,
+    mix: dict[str, int],
+) -> None:
+    """Log the batch, the validation split and the batch's feedback rows as the run's inputs.
+
+    A file's dataset has the file's md5 as its digest, the hash the run's ``driftloop.data.*``
+    tags hold, and carries those tags on the input (the batch: every file it was cut from). The
+    feedback rows have no file of their own; MLflow computes their digest. A tracking store that
+    refuses the inputs costs a warning, not the training run.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    batch = str(batch_path)
+    val_path, val_hash = _repo_path(params.data.val), val_md5(params)
+    base = str(_repo_path(params.data.tweets))
+    feedback_files = {p: md5 for p, md5 in hashes.items() if p not in (batch, base)}
+    feedback = _feedback_rows(table, feedback_files, mix)
+    try:
+        inputs = [
+            (
+                _dataset(table, batch, Path(batch).name, hashes[batch]),
+                DatasetContext.TRAINING,
+                _data_tags(hashes),
+            ),
+            (
+                _dataset(val, val_path, val_path.name, val_hash),
+                DatasetContext.VALIDATION,
+                _data_tags({str(val_path): val_hash}),
+            ),
+        ]
+        if feedback is not None and len(feedback):
+            inputs.append(
+                (
+                    _dataset(feedback, batch, f"{Path(batch).name}:feedback", None),
+                    DatasetContext.FEEDBACK,
+                    _data_tags(feedback_files),
+                )
+            )
+        mlflow.log_inputs(
+            datasets=[dataset for dataset, _, _ in inputs],
+            contexts=[str(context) for _, context, _ in inputs],
+            tags_list=[tags for _, _, tags in inputs],
+        )
+    except MlflowException as exc:
+        log.warning("the run's datasets were not logged: %s", exc)
 
 
 def _model_dir_for_run(run_id: str) -> Path:
@@ -172,8 +301,37 @@ def val_md5(params: Params) -> str:
     return dvc_hash(val_path) or file_md5(val_path)
 
 
+def card_for_run(run: Any, reason: str, champion_version: str | None) -> ModelCard:
+    """A training run's model card inputs, read off its tags and metrics."""
+    tags: dict[str, str] = dict(run.data.tags)
+    return ModelCard(
+        run_id=run.info.run_id,
+        reason=reason,
+        trigger=tags.get("driftloop.trigger", "unknown"),
+        labels=LABELS,
+        mlflow_task=registry.MODEL_TASK,
+        metrics={k: v for k, v in run.data.metrics.items() if k.startswith("val_")},
+        data_mix={
+            k.removeprefix(MIX_TAG_PREFIX): int(v)
+            for k, v in tags.items()
+            if k.startswith(MIX_TAG_PREFIX)
+        },
+        data_hashes={
+            k.removeprefix(DATA_TAG_PREFIX): v
+            for k, v in tags.items()
+            if k.startswith(DATA_TAG_PREFIX)
+        },
+        git_commit=tags.get("driftloop.git_commit", "unknown"),
+        eval_data_md5=tags.get(EVAL_DATA_TAG),
+        champion_version=champion_version,
+    )
+
+
 def register(run_id: str, *, reason: str, actor: str) -> dict[str, Any]:
-    """Register a run's model as a new version and point ``challenger`` at it."""
+    """Register a run's model as a new version and point ``challenger`` at it.
+
+    The version's description is its model card (:mod:`ml.training.model_card`).
+    """
     mlc = registry.client()
     run = mlc.get_run(run_id)
     if "val_macro_recall" not in run.data.metrics:
@@ -184,11 +342,14 @@ def register(run_id: str, *, reason: str, actor: str) -> dict[str, Any]:
     if existing:  # a retried task: keep the version registered the first time
         version = existing[0]
     else:
+        champion = registry.get_alias(registry.CHAMPION)
+        card = card_for_run(run, reason, champion.version if champion else None)
         version = registry.register_model(
             run.data.tags[MODEL_URI_TAG],
             run_id,
             reason=reason,
-            tags={"git_commit": run.data.tags.get("driftloop.git_commit", "unknown")},
+            tags={"git_commit": card.git_commit},
+            description=render_card(card),
         )
     current = registry.get_alias(registry.CHALLENGER)
     if current is not None and current.version == version.version:
