@@ -2,60 +2,119 @@
 
 Thin wrappers over :mod:`ml.training.pipeline` and :mod:`ml.registry`.
 
-Results go to stdout (JSON where a program may read them); logs and progress go to stderr.
+Results go to stdout: one JSON document with ``--json`` (the default when stdout is not a
+terminal, so scripts and pipes keep reading JSON), aligned text with ``--human`` (the default on
+a terminal). Logs and progress go to stderr (:mod:`ml.logs`). See docs/cli.md.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from ml import logs
+
 app = typer.Typer(
     name="driftloop",
     help="Keep a text classifier healthy in production: validate, train, promote, roll back.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 
-NOISY = (
-    "great_expectations",
-    "mlflow",
-    "alembic",
-    "urllib3",
-    "httpx",
-    "git",
-    "filelock",
-    "matplotlib",
-    "PIL",
-    "asyncio",
-    "sqlalchemy",
-    "fsspec",
-)
+# Every command that prints a result takes this flag; None means "decide by the terminal".
+JsonFlag = Annotated[
+    bool | None,
+    typer.Option(
+        "--json/--human",
+        help="Print one JSON document (stable, sorted keys) or aligned text. "
+        "Default: JSON when stdout is a pipe or file, text on a terminal.",
+        show_default=False,
+    ),
+]
 
 
-def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for name in NOISY:
-        logging.getLogger(name).setLevel(logging.WARNING)
+def _offline_defaults() -> None:
+    """Nothing is fetched from a model hub; tokenizer threads would fight the model's."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _emit(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
+def _stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def _wants_json(as_json: bool | None) -> bool:
+    return as_json if as_json is not None else not _stdout_is_terminal()
+
+
+def _emit(value: Any, as_json: bool | None) -> None:
+    """Print a result: JSON (``--json``), aligned text (``--human``), or by the terminal (None)."""
+    if _wants_json(as_json):
+        typer.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
+    else:
+        # The JSON round trip makes the text show exactly what --json would (enums, dates...).
+        typer.echo("\n".join(_human_lines(json.loads(json.dumps(value, default=str)))))
+
+
+def _is_scalar(value: Any) -> bool:
+    """A value printed on its key's line (an empty list or dict prints as ``-``)."""
+    return not isinstance(value, Mapping | list) or not value
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, str | Mapping | list) and not value):
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _human_lines(value: Any, indent: int = 0) -> list[str]:
+    """A JSON-able value as text: ``key: value`` lines aligned per level, flat rows as a table."""
+    pad = " " * indent
+    if isinstance(value, Mapping):
+        if not value:
+            return [f"{pad}(none)"]
+        width = max(len(str(key)) for key in value) + 1
+        lines: list[str] = []
+        for key, item in value.items():
+            if _is_scalar(item):
+                lines.append(f"{pad}{f'{key}:':<{width}} {_cell(item)}".rstrip())
+            else:
+                lines.append(f"{pad}{key}:")
+                lines.extend(_human_lines(item, indent + 2))
+        return lines
+    if isinstance(value, list):
+        if not value:
+            return [f"{pad}(none)"]
+        if all(isinstance(row, Mapping) and all(map(_is_scalar, row.values())) for row in value):
+            return _table(value, pad)
+        if all(map(_is_scalar, value)):
+            return [f"{pad}- {_cell(item)}" for item in value]
+        blocks: list[str] = []
+        for i, item in enumerate(value):
+            blocks.extend([""] * (i > 0) + _human_lines(item, indent))
+        return blocks
+    return [f"{pad}{_cell(value)}"]
+
+
+def _table(rows: list[Mapping[str, Any]], pad: str) -> list[str]:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    cells = [columns] + [
+        [_cell(row.get(col)).replace("\n", " ") for col in columns] for row in rows
+    ]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return [
+        pad + "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in cells
+    ]
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -63,15 +122,60 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _version() -> str:
+    """The installed package's version, or pyproject's when running from an uninstalled tree."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("driftloop")
+    except metadata.PackageNotFoundError:
+        import tomllib
+
+        from ml.settings import REPO_ROOT
+
+        with (REPO_ROOT / "pyproject.toml").open("rb") as f:
+            return str(tomllib.load(f)["project"]["version"])
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"driftloop {_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log at DEBUG instead of INFO (on stderr).")
+    ] = False,
+    log_format: Annotated[
+        logs.LogFormat | None,
+        typer.Option(
+            "--log-format",
+            help="Log lines as text or json (one object per line). "
+            "Default: DRIFTLOOP_LOG_FORMAT, else text.",
+            show_default=False,
+        ),
+    ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print driftloop's version and exit.",
+        ),
+    ] = False,
+) -> None:
     """driftloop command line."""
-    _setup_logging(verbose)
+    logs.configure(verbose, log_format)
+    _offline_defaults()
 
 
 @app.command()
 def validate(
     path: Annotated[Path, typer.Argument(help="A labelled table (TSV/CSV with label, text).")],
+    as_json: JsonFlag = None,
 ) -> None:
     """Validate a labelled batch. Exit 0 valid, 1 invalid, 2 unreadable."""
     from ml.params import load_params
@@ -84,16 +188,26 @@ def validate(
             path, load_params().validation, data_docs_dir=get_settings().data_docs_dir
         )
     except DataError as exc:
-        typer.echo(f"unreadable: {exc}")
+        if _wants_json(as_json):
+            _emit({"path": str(path), "status": "unreadable", "error": str(exc)}, as_json=True)
+        else:
+            typer.echo(f"unreadable: {exc}")
         raise typer.Exit(2) from None
-    if result.success:
-        typer.echo(f"valid: {path} ({result.rows} rows)")
+    status = "valid" if result.success else "invalid"
+    if _wants_json(as_json):
+        _emit(
+            {"path": str(path), "status": status, "reasons": result.reasons(), **result.to_dict()},
+            as_json=True,
+        )
     else:
-        typer.echo(f"invalid: {path} ({result.rows} rows, {len(result.failures)} failure(s))")
-        for reason in result.reasons():
-            typer.echo(f"  - {reason}")
-    if result.data_docs:
-        typer.echo(f"data docs: {result.data_docs}")
+        if result.success:
+            typer.echo(f"valid: {path} ({result.rows} rows)")
+        else:
+            typer.echo(f"invalid: {path} ({result.rows} rows, {len(result.failures)} failure(s))")
+            for reason in result.reasons():
+                typer.echo(f"  - {reason}")
+        if result.data_docs:
+            typer.echo(f"data docs: {result.data_docs}")
     raise typer.Exit(0 if result.success else 1)
 
 
@@ -105,8 +219,10 @@ def train(
         int | None, typer.Option(help="Override params.yaml train.max_examples.")
     ] = None,
     extra: Annotated[
-        list[str] | None, typer.Option(help="Extra labelled batches to train on.")
+        list[str] | None,
+        typer.Option(help="An extra labelled batch to train on (TSV/CSV); repeatable."),
     ] = None,
+    as_json: JsonFlag = None,
 ) -> None:
     """Prepare, validate, train, evaluate, register and (if better) promote a model."""
     from ml.lifecycle.promotion import run_all
@@ -122,14 +238,20 @@ def train(
         )
     except ValidationFailed as exc:
         raise _fail(f"training batch failed validation: {exc}") from None
-    _emit(result)
+    _emit(result, as_json)
 
 
 @app.command()
 def promote(
     version: Annotated[str, typer.Argument(help="Registered version to promote.")],
-    force: Annotated[bool, typer.Option(help="Promote even if it does not win.")] = False,
-    reason: Annotated[str | None, typer.Option(help="Why (recorded in the audit)")] = None,
+    force: Annotated[
+        bool, typer.Option(help="Promote even if it does not beat the champion.")
+    ] = False,
+    reason: Annotated[
+        str | None,
+        typer.Option(help="Why, recorded in the audit. Default: the comparison's verdict."),
+    ] = None,
+    as_json: JsonFlag = None,
 ) -> None:
     """Compare a version with the champion and move `champion` if it wins (or --force)."""
     from ml.lifecycle.promotion import promote as do_promote
@@ -139,17 +261,26 @@ def promote(
         decision = do_promote(version, actor=_actor(), force=force, reason=reason)
     except RegistryError as exc:
         raise _fail(str(exc)) from None
-    _emit(decision.to_dict())
+    _emit(decision.to_dict(), as_json)
 
 
 @app.command()
 def canary(
     version: Annotated[str, typer.Argument(help="Registered version to put on canary traffic.")],
-    share: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
+    share: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of traffic (0-1) the version serves. Default: params.yaml "
+            "rollout.canary_share. Used with --force; otherwise the offline gate decides.",
+        ),
+    ] = None,
     force: Annotated[
         bool, typer.Option(help="Skip the offline gate (the canary rule still judges it).")
     ] = False,
-    reason: Annotated[str, typer.Option(help="Why (recorded in the audit)")] = "manual canary",
+    reason: Annotated[str, typer.Option(help="Why, recorded in the audit.")] = "manual canary",
+    as_json: JsonFlag = None,
 ) -> None:
     """Serve a version to a canary share of traffic; canary_rollout then promotes or removes it."""
     from ml.lifecycle import canary
@@ -171,12 +302,13 @@ def canary(
             outcome = promote_or_canary(version, actor=_actor())
     except RegistryError as exc:
         raise _fail(str(exc)) from None
-    _emit({"version": version, "outcome": outcome})
+    _emit({"version": version, "outcome": outcome}, as_json)
 
 
 @app.command()
 def rollback(
-    reason: Annotated[str, typer.Option(help="Why (recorded in the audit)")] = "manual rollback",
+    reason: Annotated[str, typer.Option(help="Why, recorded in the audit.")] = "manual rollback",
+    as_json: JsonFlag = None,
 ) -> None:
     """Move `champion` back to the previous champion."""
     from ml.registry import RegistryError
@@ -186,7 +318,7 @@ def rollback(
         move = do_rollback(actor=_actor(), reason=reason)
     except RegistryError as exc:
         raise _fail(str(exc)) from None
-    _emit(move.to_dict())
+    _emit(move.to_dict(), as_json)
 
 
 @app.command()
@@ -194,17 +326,18 @@ def setup(
     repair: Annotated[
         bool, typer.Option(help="Repair a half-migrated SQLite MLflow store (keeps a backup).")
     ] = False,
+    as_json: JsonFlag = None,
 ) -> None:
     """Create or upgrade every store (MLflow's backend, driftloop's tables) before first use."""
     from ml.settings import get_settings
     from ml.stores import init_all
 
-    _emit([s.to_dict() for s in init_all(get_settings(), repair=repair)])
+    _emit([s.to_dict() for s in init_all(get_settings(), repair=repair)], as_json)
 
 
 @app.command()
-def status() -> None:
-    """Champion and challenger with their metrics and lineage, as JSON."""
+def status(as_json: JsonFlag = None) -> None:
+    """Champion and challenger with their metrics and lineage."""
     from ml.registry import CHALLENGER, CHAMPION, client, get_alias
 
     out: dict[str, Any] = {}
@@ -233,15 +366,18 @@ def status() -> None:
             },
             "version_tags": info.tags,
         }
-    _emit(out)
+    _emit(out, as_json)
 
 
 @app.command()
-def audit(limit: Annotated[int, typer.Option(help="How many rows, newest first.")] = 20) -> None:
-    """The alias audit trail (every promotion, keep, rollback), newest first, as JSON."""
+def audit(
+    limit: Annotated[int, typer.Option(help="How many rows, newest first.")] = 20,
+    as_json: JsonFlag = None,
+) -> None:
+    """The alias audit trail (every promotion, keep, rollback), newest first."""
     from ml.registry import audit_log
 
-    _emit([m.to_dict() for m in audit_log(limit=limit)])
+    _emit([m.to_dict() for m in audit_log(limit=limit)], as_json)
 
 
 @app.command("events-flush")
@@ -249,19 +385,22 @@ def events_flush(
     now: Annotated[
         bool, typer.Option("--now", help="Retry every waiting event now, ignoring its backoff.")
     ] = False,
+    as_json: JsonFlag = None,
 ) -> None:
     """Deliver the webhook outbox (DRIFTLOOP_WEBHOOK_URL): what was sent and what still waits."""
     from dataclasses import asdict
 
     from ml.events import flush
 
-    _emit(asdict(flush(ignore_backoff=now)))
+    _emit(asdict(flush(ignore_backoff=now)), as_json)
 
 
 @app.command()
 def serve(
-    port: Annotated[int, typer.Option(help="HTTP port")] = 3000,
-    host: Annotated[str, typer.Option(help="Interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port to listen on.")] = 3000,
+    host: Annotated[
+        str, typer.Option(help="Interface to bind (0.0.0.0 for every interface).")
+    ] = "127.0.0.1",
 ) -> None:
     """Serve the champion over HTTP (BentoML): /predict, /feedback, /model, /metrics."""
     from ml.serving.launch import serve_argv
@@ -277,18 +416,39 @@ def serve(
 @app.command()
 def replay(
     path: Annotated[Path, typer.Argument(help="Labelled table (label, text) to send.")],
-    url: Annotated[str, typer.Option(help="Service base URL")] = "http://127.0.0.1:3000",
+    url: Annotated[str, typer.Option(help="Base URL of the running service.")] = (
+        "http://127.0.0.1:3000"
+    ),
     feedback_share: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Share of predictions whose label is posted")
+        float,
+        typer.Option(
+            min=0.0, max=1.0, help="Share of predictions (0-1) whose true label is posted back."
+        ),
     ] = 0.0,
-    concurrency: Annotated[int, typer.Option(min=1, max=64, help="Concurrent clients")] = 8,
-    limit: Annotated[int | None, typer.Option(help="Send at most this many rows")] = None,
-    api_key: Annotated[str | None, typer.Option(envvar="DRIFTLOOP_API_KEY")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, max=64, help="Concurrent clients (1-64).")] = 8,
+    limit: Annotated[
+        int | None, typer.Option(help="Send at most this many rows. Default: every row.")
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="DRIFTLOOP_API_KEY",
+            help="API key sent with each request (needed when the service sets "
+            "DRIFTLOOP_API_KEYS). Default: none.",
+            show_envvar=True,
+        ),
+    ] = None,
     feedback_key: Annotated[
         list[str] | None,
-        typer.Option(help="Send labels with these keys (one picked per label); repeatable"),
+        typer.Option(
+            help="Post labels with this key (one picked at random per label); repeatable. "
+            "Default: --api-key."
+        ),
     ] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Random seed for which rows get feedback and with which key.")
+    ] = 0,
+    as_json: JsonFlag = None,
 ) -> None:
     """Send a table's texts to a running service as production traffic (one per request)."""
     from ml.serving.replay import replay as do_replay
@@ -308,29 +468,39 @@ def replay(
         )
     except (DataError, ValueError) as exc:
         raise _fail(str(exc), 2) from None
-    _emit(summary.to_dict())
+    _emit(summary.to_dict(), as_json)
     if summary.failed:
         raise typer.Exit(1)
 
 
 @app.command()
 def drift(
-    since: Annotated[str | None, typer.Option(help="Window start, ISO time (UTC)")] = None,
-    until: Annotated[str | None, typer.Option(help="Window end, ISO time (UTC)")] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="Window start, ISO 8601 time (UTC). Default: params.yaml drift.window_hours "
+            "before --until."
+        ),
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Window end (exclusive), ISO 8601 time (UTC). Default: now.")
+    ] = None,
+    as_json: JsonFlag = None,
 ) -> None:
-    """Drift report on a window of the prediction log; prints the typed result as JSON."""
+    """Drift report on a window of the prediction log: outcome, signals and where it is saved."""
     from ml.drift import DriftError, run_drift
 
     try:
         result = run_drift(since, until)
     except (DriftError, ValueError) as exc:
         raise _fail(str(exc)) from None
-    _emit(result.to_dict())
+    _emit(result.to_dict(), as_json)
 
 
 @app.command()
 def reports(
-    limit: Annotated[int, typer.Option(help="How many, newest first")] = 20,
+    limit: Annotated[int, typer.Option(help="How many reports, newest first.")] = 20,
+    as_json: JsonFlag = None,
 ) -> None:
     """Saved drift reports, newest first (open the HTML, or `evidently ui` on the workspace)."""
     from ml.drift import list_reports
@@ -353,7 +523,8 @@ def reports(
                 }
                 for r in list_reports(limit)
             ],
-        }
+        },
+        as_json,
     )
 
 
@@ -364,17 +535,25 @@ app.add_typer(stage, name="stage")
 
 
 @stage.command("prepare")
-def stage_prepare(out: Annotated[Path, typer.Option()] = Path("data/prepared/train.tsv")) -> None:
-    """Write the training batch described by params.yaml."""
+def stage_prepare(
+    out: Annotated[Path, typer.Option(help="Where to write the batch (TSV).")] = Path(
+        "data/prepared/train.tsv"
+    ),
+) -> None:
+    """Write the training batch described by params.yaml; print what was written (JSON)."""
     from ml.training.pipeline import prepare
 
-    _emit(prepare(out_path=out).__dict__)
+    _emit(prepare(out_path=out).__dict__, as_json=True)
 
 
 @stage.command("validate")
 def stage_validate(
-    batch: Annotated[Path, typer.Option()] = Path("data/prepared/train.tsv"),
-    report: Annotated[Path, typer.Option()] = Path("metrics/validation.json"),
+    batch: Annotated[Path, typer.Option(help="The training batch to validate.")] = Path(
+        "data/prepared/train.tsv"
+    ),
+    report: Annotated[Path, typer.Option(help="Where to write the result (JSON).")] = Path(
+        "metrics/validation.json"
+    ),
 ) -> None:
     """Validate the training batch; fail the stage (and `dvc repro`) if it is invalid."""
     from ml.params import load_params
@@ -390,10 +569,14 @@ def stage_validate(
 
 @stage.command("train")
 def stage_train(
-    batch: Annotated[Path, typer.Option()] = Path("data/prepared/train.tsv"),
-    out: Annotated[Path, typer.Option()] = Path("models/sentiment"),
+    batch: Annotated[Path, typer.Option(help="The training batch (TSV).")] = Path(
+        "data/prepared/train.tsv"
+    ),
+    out: Annotated[Path, typer.Option(help="Folder to save the model to (HF format).")] = Path(
+        "models/sentiment"
+    ),
 ) -> None:
-    """Fine-tune on the batch and save the model to a folder DVC tracks."""
+    """Fine-tune on the batch and save the model to a folder DVC tracks; print it (JSON)."""
     from ml.params import load_params
     from ml.settings import get_settings
     from ml.training.data import read_table
@@ -407,14 +590,20 @@ def stage_train(
         device_setting=get_settings().device,
         log_to_mlflow=False,
     )
-    _emit({k: v for k, v in result.to_dict().items() if k != "step_losses"})
+    _emit({k: v for k, v in result.to_dict().items() if k != "step_losses"}, as_json=True)
 
 
 @stage.command("evaluate")
 def stage_evaluate(
-    model: Annotated[Path, typer.Option()] = Path("models/sentiment"),
-    metrics: Annotated[Path, typer.Option()] = Path("metrics/eval.json"),
-    plot: Annotated[Path, typer.Option()] = Path("metrics/confusion_matrix.png"),
+    model: Annotated[Path, typer.Option(help="The model folder to score.")] = Path(
+        "models/sentiment"
+    ),
+    metrics: Annotated[Path, typer.Option(help="Where to write the metrics (JSON).")] = Path(
+        "metrics/eval.json"
+    ),
+    plot: Annotated[Path, typer.Option(help="Where to write the confusion matrix (PNG).")] = Path(
+        "metrics/confusion_matrix.png"
+    ),
 ) -> None:
     """Score the model on the validation split; write metrics JSON and a confusion matrix."""
     from ml.training.evaluate import confusion_png
@@ -424,7 +613,7 @@ def stage_evaluate(
     metrics.parent.mkdir(parents=True, exist_ok=True)
     metrics.write_text(json.dumps({k: round(v, 4) for k, v in result.metrics.items()}, indent=2))
     confusion_png(result.confusion, plot)
-    _emit(result.metrics)
+    _emit(result.metrics, as_json=True)
 
 
 def _actor() -> str:
@@ -444,7 +633,6 @@ def run() -> None:
     try:
         app()
     except StoreError as exc:
-        _setup_logging()
         raise SystemExit(f"error: {exc}") from None
 
 

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ml.logs import LogFormat
 from ml.serving.provenance import parse_api_keys
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +59,11 @@ class Settings(BaseSettings):
     )
     experiment: str = Field(
         default="driftloop", validation_alias=AliasChoices("DRIFTLOOP_EXPERIMENT")
+    )
+    log_format: LogFormat = Field(
+        default="text",
+        validation_alias=AliasChoices("DRIFTLOOP_LOG_FORMAT"),
+        description="Log lines on stderr: `text`, or `json` (one object per line, ml.logs).",
     )
 
     # --- serving (bentos/sentiment) ---

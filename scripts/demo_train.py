@@ -98,7 +98,7 @@ def summary(tasks: dict[str, str | None]) -> int:
     lines += [
         "",
         "where to look:",
-        "  driftloop status              champion/challenger, metrics and lineage (JSON)",
+        "  driftloop status              champion/challenger, metrics and lineage (--json: JSON)",
         "  driftloop audit               every alias move",
         "  make airflow-ui               Airflow UI on http://localhost:8080 (the run above)",
         "  make mlflow-ui                MLflow UI on http://localhost:5000 (runs, curves, "

@@ -18,6 +18,7 @@ tiny classifier saved once per session in Hugging Face format.
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import uuid
@@ -219,6 +220,17 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
 
 
 # ------------------------------------------------------------------------------ isolated state
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """For tests that call ``ml.logs.configure`` (the CLI's callback does): it replaces the root
+    logger's handlers, and pytest's are put back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture

@@ -116,6 +116,12 @@ class SentimentService:
         for name in ("driftloop", "ml", "bentos"):
             if logging.getLogger(name).level == logging.NOTSET:
                 logging.getLogger(name).setLevel(logging.INFO)
+        from ml.settings import get_settings
+
+        if get_settings().log_format == "json":  # one JSON object per line (ml/logs.py)
+            from ml.logs import configure
+
+            configure(fmt="json")
 
         from ml.params import load_params
         from ml.serving.cache import make_cache
