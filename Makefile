@@ -11,7 +11,7 @@ UV     := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 STACK  := eval "$$($(PY) -m scripts.stack_env)" && export PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv data airflow-db stores demo demo-train demo-fast demo-check serve test test-fast lint \
+.PHONY: help setup venv data airflow-db stores demo demo-train demo-fast demo-check review-shots serve test test-fast lint \
         dvc-repro airflow-ui mlflow-ui services-install services-start services-stop bench-serve bench-shadow \
         load-test fuzz-api clean
 
@@ -61,6 +61,9 @@ demo-fast: setup ## The same loop with smaller samples (about 20 min on 2 CPU co
 
 demo-check: venv ## Check the last demo's summary: each step's expected outcome, no failed task try
 	@$(STACK) && $(PY) -m scripts.check_demo "$${DRIFTLOOP_HOME}/demo/summary.json"
+
+review-shots: venv ## Screenshot the last demo's no-drift and drift review pages -> benchmarks/results/
+	@$(STACK) && $(PY) -m scripts.review_shots
 
 serve: setup ## Serve the champion on http://127.0.0.1:3000 (driftloop serve)
 	@$(STACK) && driftloop serve --port 3000

@@ -46,16 +46,85 @@ def actor() -> str:
     return f"dag:{ctx['dag'].dag_id}/{ctx['run_id']}"
 
 
-def schedule_from_params(section: str, default: str) -> str | None:
-    """``<section>.schedule`` from params.yaml (a small YAML read: fine at parse time).
-
-    ``none`` (or an empty value) turns the schedule off: the DAG then runs only when triggered,
-    as in ``make demo``, whose scripted steps must be the only runs.
-    """
+def _params_section(section: str) -> dict[str, Any]:
+    """One section of params.yaml (a small YAML read: fine at parse time)."""
     from pathlib import Path
 
     import yaml
 
     path = Path(os.environ.get("DRIFTLOOP_PARAMS") or Path(__file__).parents[1] / "params.yaml")
-    value = ((yaml.safe_load(path.read_text()) or {}).get(section) or {}).get("schedule", default)
+    return dict((yaml.safe_load(path.read_text()) or {}).get(section) or {})
+
+
+def set_run_note(note: str) -> bool:
+    """Put ``note`` on this DAG run (the Airflow UI shows it on the run); best effort.
+
+    A task cannot write its own run's note through Airflow 3's execution API, so this goes
+    through the public REST API of the API server the task reports to, with
+    ``DRIFTLOOP_AIRFLOW_API_TOKEN`` or, on a local stack with all-admins auth, its token.
+    Returns whether the note was set; never fails the task.
+    """
+    import logging
+
+    import httpx
+    from airflow.configuration import conf
+    from airflow.sdk import get_current_context
+
+    ctx = get_current_context()
+    execution = conf.get("core", "execution_api_server_url", fallback="") or ""
+    base = os.environ.get("DRIFTLOOP_AIRFLOW_API_URL") or execution.removesuffix("/").removesuffix(
+        "/execution"
+    )
+    try:
+        with httpx.Client(base_url=base, timeout=10.0) as http:
+            token = os.environ.get("DRIFTLOOP_AIRFLOW_API_TOKEN")
+            if not token:
+                token = http.get("/auth/token").raise_for_status().json()["access_token"]
+            http.patch(
+                f"/api/v2/dags/{ctx['dag'].dag_id}/dagRuns/{ctx['run_id']}",
+                params={"update_mask": "note"},
+                json={"note": note[:1000]},
+                headers={"Authorization": f"Bearer {token}"},
+            ).raise_for_status()
+        return True
+    except (httpx.HTTPError, KeyError, ValueError) as exc:
+        logging.getLogger(__name__).warning("could not set the run's note (%s): %s", base, exc)
+        return False
+
+
+def schedule_from_params(section: str, default: str) -> str | None:
+    """``<section>.schedule`` from params.yaml.
+
+    ``none`` (or an empty value) turns the schedule off: the DAG then runs only when triggered,
+    as in ``make demo``, whose scripted steps must be the only runs.
+    """
+    value = _params_section(section).get("schedule", default)
     return None if value in (None, "", "none", "None") else str(value)
+
+
+def approval_task(task_id: str, subject: str, request_task: str) -> Any:
+    """The human-in-the-loop step that asks to move ``champion`` (``promotion:`` in
+    params.yaml). The request's Markdown is the XCom ``approval_request`` of ``request_task``;
+    an unanswered request is rejected after ``approval_timeout_hours``."""
+    from airflow.providers.standard.operators.hitl import HITLOperator
+    from airflow.sdk import Param
+
+    from ml.lifecycle.approval import OPTIONS, REJECT
+
+    hours = float(_params_section("promotion").get("approval_timeout_hours", 72))
+    return HITLOperator(
+        task_id=task_id,
+        subject=subject,
+        body=f"{{{{ ti.xcom_pull(task_ids='{request_task}', key='approval_request') }}}}",
+        options=OPTIONS,
+        defaults=[REJECT],
+        params={"comment": Param("", type="string", description="why (goes into the audit)")},
+        response_timeout=timedelta(hours=hours),
+    )
+
+
+def approval(response: dict[str, Any]) -> Any:
+    """The library's :class:`~ml.lifecycle.approval.Approval` from a HITL task's result."""
+    from ml.lifecycle.approval import Approval
+
+    return Approval.from_response(response)

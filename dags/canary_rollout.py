@@ -16,6 +16,11 @@ Decides the fate of a challenger serving a canary share of live traffic.
   the canary ends and the champion keeps all traffic. A clearly worse challenger is removed as
   soon as the evidence is strong, without waiting for the full sample.
 
+With `promotion.require_approval: true`, `canary_promoted` is replaced by a wait at
+`approve_canary_promotion` for Approve or Reject (Browse → Required Actions, or the REST API):
+`canary_approved` moves champion, `canary_rejected` ends the canary; the audit row names the
+person. Unanswered, it is rejected after `promotion.approval_timeout_hours`.
+
 `evaluate` only reads the evidence and applies the canary rule; `decide` follows the outcome it
 names, and only the `canary_promoted` and `canary_rolled_back` tasks move an alias. Every
 decision they act on is written to the audit table with its evidence (`driftloop audit`).
@@ -23,9 +28,9 @@ decision they act on is written to the audit table with its evidence (`driftloop
 
 from __future__ import annotations
 
-from _driftloop import DEFAULT_ARGS, START, actor, schedule_from_params
+from _driftloop import DEFAULT_ARGS, START, actor, approval, approval_task, schedule_from_params
 from airflow.providers.standard.operators.empty import EmptyOperator
-from airflow.sdk import dag, task
+from airflow.sdk import dag, get_current_context, task
 
 from ml.lifecycle.outcomes import CanaryOutcome  # the branch ends' task ids (stdlib only)
 
@@ -50,7 +55,29 @@ def canary_rollout() -> None:
 
     @task.branch
     def decide(evaluation: dict) -> str:
+        if evaluation["outcome"] == CanaryOutcome.AWAITING_APPROVAL:
+            from ml.lifecycle import approval
+
+            d = evaluation["decision"]
+            body = approval.request_body(
+                challenger=d["challenger"]["version"],
+                champion=d["champion"]["version"],
+                reason=evaluation["reason"],
+            )
+            get_current_context()["ti"].xcom_push(key="approval_request", value=body)
         return evaluation["outcome"]
+
+    approve = approval_task(
+        CanaryOutcome.AWAITING_APPROVAL, "driftloop: promote the canary to champion?", "decide"
+    )
+
+    @task.branch
+    def act_on_approval(response: dict, evaluation: dict) -> str:
+        """A person answered: the challenger becomes champion, or its canary ends; audited."""
+        from ml.lifecycle import canary
+
+        decision = canary.CanaryDecision.from_dict(evaluation["decision"])
+        return str(canary.act_on_approval(decision, approval(response), actor=actor()))
 
     @task(task_id=CanaryOutcome.PROMOTED)
     def promote(evaluation: dict) -> None:
@@ -73,6 +100,11 @@ def canary_rollout() -> None:
         EmptyOperator(task_id=CanaryOutcome.WAITING),
         promote(evaluation),
         roll_back(evaluation),
+        approve,
+    ]
+    act_on_approval(approve.output, evaluation) >> [
+        EmptyOperator(task_id=CanaryOutcome.APPROVED),
+        EmptyOperator(task_id=CanaryOutcome.REJECTED),
     ]
 
 

@@ -29,7 +29,7 @@ version it judged, and in the Evidently workspace (`driftloop reports`). Window 
 
 from __future__ import annotations
 
-from _driftloop import DEFAULT_ARGS, START, actor, schedule_from_params
+from _driftloop import DEFAULT_ARGS, START, actor, schedule_from_params, set_run_note
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, get_current_context, setup, task, teardown
@@ -81,9 +81,14 @@ def monitor_drift() -> None:
 
     @task
     def evaluate(drift: dict) -> dict:
+        from ml.drift.review import record_decision
         from ml.lifecycle import loop
 
-        return loop.evaluate(drift).to_dict()
+        decision = loop.evaluate(drift).to_dict()
+        page = record_decision(drift.get("report_dir"), decision["outcome"], decision["reason"])
+        review = f"\n\nDrift review: {page}" if page else ""
+        set_run_note(f"**{decision['outcome']}**: {decision['reason']}{review}")
+        return decision
 
     @task.branch
     def decide(decision: dict) -> str:

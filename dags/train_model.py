@@ -12,6 +12,11 @@ Trains a new tweet-sentiment model and promotes it only if it is better.
   traffic as `challenger`; `canary_rollout` promotes or removes it on live evidence.
 - `kept_champion`: it did not pass that offline gate and never reaches traffic.
 
+With `promotion.require_approval: true`, a move of `champion` (the first outcome) waits instead
+at `approve_promotion` for Approve or Reject (Browse → Required Actions, or the REST API),
+then ends `approved` (champion moved) or `rejected` (champion kept); the audit row names the
+person. Unanswered, it is rejected after `promotion.approval_timeout_hours`.
+
 A batch that fails the Great Expectations gate stops the run at `validate` (no retry, nothing is
 registered); the task log names each failing expectation and column, and the Data Docs path.
 Every alias move, and every decision to keep the champion, is written to the audit table
@@ -25,11 +30,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from _driftloop import DEFAULT_ARGS, START, actor
+from _driftloop import DEFAULT_ARGS, START, actor, approval, approval_task, set_run_note
 from airflow.providers.standard.operators.empty import EmptyOperator
-from airflow.sdk import Param, dag, task, teardown
+from airflow.sdk import Param, dag, get_current_context, task, teardown
 
-from ml.lifecycle.outcomes import TrainOutcome  # the branch ends' task ids (stdlib only)
+from ml.lifecycle.outcomes import TRAIN_ENDS, TrainOutcome  # the ends' task ids (stdlib only)
 
 
 @dag(
@@ -94,6 +99,12 @@ def train_model() -> None:
             batch_inputs=batch.get("inputs"),
             batch_mix=batch.get("mix"),
         )
+        if p.get("drift_report"):  # the drift review page and this run link each other
+            from ml.drift.review import add_links
+            from ml.registry import run_link
+
+            add_links(p["drift_report"], {"Retraining run (MLflow)": run_link(result["run_id"])})
+            set_run_note(f"{p.get('reason')}\n\nDrift review: {p['drift_report']}/review.html")
         return result["run_id"]
 
     @task
@@ -111,11 +122,41 @@ def train_model() -> None:
         return pipeline.register(mlflow_run, reason=reason, actor=actor())["version"]
 
     @task.branch
-    def promote(version: str) -> str:
-        """The offline gate, then a canary when a champion exists: names one of the ends."""
+    def promote(version: str, params: dict | None = None) -> str:
+        """The offline gate, then a canary when a champion exists: names one of the ends, or
+        the approval step when a move of champion waits for a person."""
+        from ml.drift.review import add_links
+        from ml.lifecycle import approval, promotion
+
+        decision = promotion.promote_in_dag(version, actor=actor())
+        ctx = get_current_context()
+        ctx["ti"].xcom_push(key="decision", value=decision.to_dict())
+        if decision.outcome == TrainOutcome.AWAITING_APPROVAL:
+            body = approval.request_body(
+                challenger=decision.challenger_version,
+                champion=decision.champion_version,
+                reason=decision.reason,
+                evidence={"run": ctx["run_id"], **(params or {})},
+            )
+            ctx["ti"].xcom_push(key="approval_request", value=body)
+        outcome = f"v{version}: {decision.outcome} ({decision.reason})"
+        add_links((params or {}).get("drift_report"), {"Retraining outcome": outcome})
+        return str(decision.outcome)
+
+    approve = approval_task(
+        TrainOutcome.AWAITING_APPROVAL, "driftloop: promote a new champion?", "promote"
+    )
+
+    @task.branch
+    def act_on_approval(response: dict) -> str:
+        """A person answered: move champion (approved) or keep it (rejected); both audited."""
         from ml.lifecycle import promotion
 
-        return promotion.promote_or_canary(version, actor=actor())
+        decision = get_current_context()["ti"].xcom_pull(task_ids="promote", key="decision")
+        outcome = promotion.act_on_approval(
+            promotion.from_dict(decision), approval(response), actor=actor()
+        )
+        return str(outcome)
 
     @teardown
     @task(retries=3)
@@ -128,8 +169,12 @@ def train_model() -> None:
     steps = [prepare()]
     for step in (validate, train, evaluate, register, promote):
         steps.append(step(steps[-1]))
-    ends = [EmptyOperator(task_id=outcome) for outcome in TrainOutcome]
-    steps[-1] >> ends
+    ends = [EmptyOperator(task_id=outcome) for outcome in TRAIN_ENDS]
+    steps[-1] >> [*ends, approve]
+    answered = act_on_approval(approve.output)
+    answered >> (approval_ends := [EmptyOperator(task_id=o) for o in TrainOutcome.answered()])
+    steps += [approve, answered]
+    ends += approval_ends
     # A teardown runs once every task before it is done, whatever their states, and its own
     # state never decides the run's: a failed step still fails the run.
     [*steps, *ends] >> release_retraining()

@@ -47,6 +47,10 @@ class EvaluateParams(_Section):
 class PromotionParams(_Section):
     metric: str = "macro_recall"
     min_improvement: float = 0.005
+    # A move of ``champion`` by a DAG (after the offline gate, after a canary) waits for a
+    # person's approve or reject in the Airflow UI; the audit row names them.
+    require_approval: bool = False
+    approval_timeout_hours: Annotated[float, Field(gt=0)] = 72.0  # unanswered: Reject
 
 
 class ValidationParams(_Section):

@@ -91,6 +91,31 @@ class AirflowAPI:
         resp.raise_for_status()
         return str(resp.json()["dag_run_id"])
 
+    def _hitl_path(self, dag_id: str, run_id: str, task_id: str) -> str:
+        return f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/-1/hitlDetails"
+
+    def approval_request(self, dag_id: str, run_id: str, task_id: str) -> dict[str, Any]:
+        """What a human-in-the-loop task asks (subject, body, options) and any answer."""
+        resp = self.http.get(self._hitl_path(dag_id, run_id, task_id))
+        resp.raise_for_status()
+        return dict(resp.json())
+
+    def respond(
+        self,
+        dag_id: str,
+        run_id: str,
+        task_id: str,
+        choice: str,
+        params_input: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Answer a human-in-the-loop task as the logged-in user (Approve, Reject, ...)."""
+        resp = self.http.patch(
+            self._hitl_path(dag_id, run_id, task_id),
+            json={"chosen_options": [choice], "params_input": params_input or {}},
+        )
+        resp.raise_for_status()
+        return dict(resp.json())
+
     def run(self, dag_id: str, run_id: str) -> dict[str, Any]:
         resp = self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
         resp.raise_for_status()

@@ -75,6 +75,12 @@ def check(summary: dict[str, Any]) -> tuple[list[str], bool]:
             line(False, name, want, f"step {got.get('step')!r}: {got.get('outcome')}")
         else:
             line(got.get("outcome") == want, name, want, str(got.get("outcome")))
+    # Each drift judgement's Airflow run carries a note linking its review page.
+    for step in steps:
+        if isinstance(step, dict) and "note" in step:
+            note = str(step.get("note") or "")
+            line("review.html" in note, f"{step.get('step')}: run note", "links review.html",
+                 note.splitlines()[-1][:60] if note else "(no note)")  # fmt: skip
     for extra in steps[len(EXPECTED_STEPS) :]:
         label = extra.get("step") if isinstance(extra, dict) else extra
         line(False, f"unexpected step {label!r}", "(none)", str(extra))

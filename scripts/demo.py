@@ -318,17 +318,19 @@ def run_steps(
         say("2/5 same-period traffic: held-out 2013-2015 tweets, half with feedback")
         since = now()
         replay(tables["same_period"], service.url, 0.5, args.seed)
-        _, tasks = run_dag(api, "monitor_drift", {"since": since, "until": now()})
+        run_id, tasks = run_dag(api, "monitor_drift", {"since": since, "until": now()})
         calm = outcome(tasks, monitored)
-        record["steps"].append({"step": "same-period traffic", "outcome": calm})
+        note = api.run("monitor_drift", run_id).get("note")
+        record["steps"].append({"step": "same-period traffic", "outcome": calm, "note": note})
 
         say("3/5 later-period traffic: 2016 tweets, 70% with feedback")
         since = now()
         replay(tables["drift"], service.url, 0.7, args.seed + 1)
         before = {r["dag_run_id"] for r in api.list_runs("train_model")}
-        _, tasks = run_dag(api, "monitor_drift", {"since": since, "until": now()})
+        run_id, tasks = run_dag(api, "monitor_drift", {"since": since, "until": now()})
         found = outcome(tasks, monitored)
-        record["steps"].append({"step": "2016 traffic", "outcome": found})
+        note = api.run("monitor_drift", run_id).get("note")
+        record["steps"].append({"step": "2016 traffic", "outcome": found, "note": note})
         if found == M.RETRAIN:
             run_id = wait_new_run(api, "train_model", before)
             say(f"train_model {run_id} was triggered by monitor_drift; following it")
@@ -541,10 +543,18 @@ def summary(record: dict[str, Any]) -> int:
         lines += canary_evidence(move.evidence)
     lines += ["", "drift reports:"]
     for r in reversed(list_reports()):
+        review = Path(r.report_dir) / "review.html"
         lines.append(
             f"  {r.created_at[:19]} {r.outcome:<22} {', '.join(r.drifted_signals) or '-'}"
-            f"  {r.report_html}"
+            f"  {review if review.exists() else r.report_html}"
         )
+    lines += ["", "review pages, top screen at 1280x800 (headless Chromium):"]
+    try:
+        from scripts.review_shots import demo_shots
+
+        lines += [f"  {shot}" for shot in demo_shots()] or ["  none: no review page found"]
+    except (OSError, RuntimeError) as exc:  # no chromium here: the demo stands without them
+        lines.append(f"  not taken: {exc}")
     champion = get_alias(CHAMPION)
     lines += [
         "",
@@ -556,7 +566,7 @@ def summary(record: dict[str, Any]) -> int:
         "                     the registry with its aliases, drift reports next to each version",
         f"  .venv/bin/evidently ui --workspace {settings.home / 'evidently'}",
         "                     drift reports over time (or open the HTML paths above)",
-        "  driftloop audit    every alias move with its evidence (JSON)",
+        "  driftloop audit    every alias move with its evidence (--json for JSON)",
     ]
     wrong = problems(record)
     if wrong:

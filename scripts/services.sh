@@ -2,7 +2,7 @@
 # Throwaway PostgreSQL and Redis servers on loopback, for the tests and for local runs.
 #
 # Usage: scripts/services.sh COMMAND [ARG]
-#   install          apt-get install postgresql, redis-server, wrk and prometheus, only where their binaries are missing
+#   install          apt-get install postgresql, redis-server, wrk, prometheus and chromium, only where missing
 #                    (as root, or with sudo that needs no password; otherwise says what to run)
 #   start            start both servers (idempotent: a running server is left as it is)
 #   stop             stop both servers (idempotent)
@@ -75,8 +75,10 @@ cmd_install() {
     command -v wrk >/dev/null 2>&1 || packages+=(wrk)  # the serving benchmark's load generator
     # promtool checks and unit-tests the alert rules; the server runs them against the stack.
     command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
+    # The drift review page's test renders it headless (no JavaScript errors, a screenshot).
+    command -v chromium >/dev/null 2>&1 || packages+=(chromium)
     if ((${#packages[@]} == 0)); then
-        log "postgresql, redis-server, wrk and prometheus already installed"
+        log "postgresql, redis-server, wrk, prometheus and chromium already installed"
         return
     fi
     local sudo=()

@@ -105,6 +105,7 @@ def run_drift(
         reference_origin=str(reference.attrs.get("origin", "given")),
     )
     _write_result(found)
+    _write_review(found, reference, window.sample, report_dir)
     found = _publish(found, comparison.snapshot, q_snapshot, dp, log_to_mlflow, add_to_workspace)
     log.info("drift report %s: %s (%s)", report_dir, outcome, reason)
     return found
@@ -226,6 +227,24 @@ def _save_snapshots(
     q_snapshot.save_json(str(report_dir / "quality.json"))
     quality["report_html"] = str(report_dir / "quality.html")
     return q_snapshot
+
+
+def _write_review(
+    found: DriftResult, reference: pd.DataFrame, sample: pd.DataFrame, report_dir: Path
+) -> None:
+    """``review.html`` for people (ml.drift.review); a failure there never loses the verdict."""
+    from ml.drift.review import review_data, write_review
+    from ml.params import LABELS
+
+    links = {"Evidently drift report": "report.html"}
+    if (report_dir / "quality.html").exists():
+        links["Evidently quality report"] = "quality.html"
+    try:
+        write_review(
+            report_dir, review_data(found.to_dict(), reference, sample, list(LABELS), links=links)
+        )
+    except Exception:  # noqa: BLE001 - the report and result.json are already written
+        log.exception("could not write the review page in %s", report_dir)
 
 
 def _publish(

@@ -14,7 +14,7 @@ See ``docs/lifecycle.md``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,6 +23,7 @@ import numpy as np
 from ml import events, registry
 from ml.label_policy import SourceCount
 from ml.lifecycle import sequential
+from ml.lifecycle.approval import Approval
 from ml.lifecycle.evidence import CanaryLabels, VersionStats, canary_labels, version_stats
 from ml.lifecycle.loop import nothing_to_judge
 from ml.lifecycle.metrics import emit_metric
@@ -310,9 +311,10 @@ def evaluate(*, errors: dict[str, int] | None = None) -> CanaryEvaluation:
         return CanaryEvaluation(
             outcome=CanaryOutcome.NO_CANARY, reason="no challenger is on canary traffic"
         )
-    return CanaryEvaluation(
-        outcome=CANARY_OUTCOMES[decision.action], reason=decision.reason, decision=decision
-    )
+    outcome = CANARY_OUTCOMES[decision.action]
+    if outcome == CanaryOutcome.PROMOTED and load_params().promotion.require_approval:
+        outcome = CanaryOutcome.AWAITING_APPROVAL  # the move of champion waits for a person
+    return CanaryEvaluation(outcome=outcome, reason=decision.reason, decision=decision)
 
 
 def promote_canary(decision: CanaryDecision, *, actor: str) -> None:
@@ -344,3 +346,24 @@ def roll_back_canary(decision: CanaryDecision, *, actor: str) -> None:
     )
     emit_metric("rollbacks", 1, kind="counter", reason="canary")
     events.emit("rollback", {"kind": "canary", "reason": decision.reason, "version": version})
+
+
+def act_on_approval(decision: CanaryDecision, approval: Approval, *, actor: str) -> CanaryOutcome:
+    """Carry out a person's answer to ``approve_canary_promotion``.
+
+    Approved, with the same challenger still on canary: it becomes champion, the person named
+    in the audit row. Rejected: the canary ends as a rollback does. A challenger that left the
+    canary while the request waited voids it: nothing moves.
+    """
+    who = approval.actor(actor)
+    current = canary_in_progress()
+    if current is None or current.version != decision.challenger.version:
+        log.warning("approval void: v%s is no longer on canary", decision.challenger.version)
+        return CanaryOutcome.REJECTED
+    reason = f"{approval.describe()} (rule: {decision.reason})"
+    decision = replace(decision, reason=reason)
+    if approval.approved:
+        promote_canary(decision, actor=who)
+        return CanaryOutcome.APPROVED
+    roll_back_canary(decision, actor=who)
+    return CanaryOutcome.REJECTED

@@ -15,6 +15,18 @@ class TrainOutcome(StrEnum):
     PROMOTED = "promoted"  # no champion yet (or canaries off): the challenger is champion now
     CANARY_STARTED = "canary_started"  # passed the gate: serves a canary share of traffic
     KEPT_CHAMPION = "kept_champion"  # failed the gate: never reaches traffic
+    # With ``promotion.require_approval``: the gate said promote, and a person decides.
+    AWAITING_APPROVAL = "approve_promotion"  # the approval task, not an end
+    APPROVED = "approved"  # a person approved: the challenger is champion now
+    REJECTED = "rejected"  # a person rejected: the champion stays
+
+    @classmethod
+    def answered(cls) -> tuple[TrainOutcome, TrainOutcome]:
+        """The ends after a person's answer."""
+        return (cls.APPROVED, cls.REJECTED)
+
+
+TRAIN_ENDS = (TrainOutcome.PROMOTED, TrainOutcome.CANARY_STARTED, TrainOutcome.KEPT_CHAMPION)
 
 
 class MonitorOutcome(StrEnum):
@@ -43,6 +55,10 @@ class CanaryOutcome(StrEnum):
     WAITING = "waiting"
     PROMOTED = "canary_promoted"
     ROLLED_BACK = "canary_rolled_back"
+    # With ``promotion.require_approval``: the rule said promote, and a person decides.
+    AWAITING_APPROVAL = "approve_canary_promotion"  # the approval task, not an end
+    APPROVED = "canary_approved"  # a person approved: the challenger is champion now
+    REJECTED = "canary_rejected"  # a person rejected: the canary ends, the champion stays
 
 
 CANARY_OUTCOMES = {

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ml import registry
+from ml.lifecycle.approval import Approval
 from ml.lifecycle.canary import start_canary
 from ml.lifecycle.outcomes import TrainOutcome
 from ml.params import Params, PromotionParams, load_params
@@ -140,6 +141,7 @@ def promote(
     canary: bool = False,
     force: bool = False,
     reason: str | None = None,
+    hold_for_approval: bool = False,
 ) -> PromotionDecision:
     """Pass ``version`` through the offline gate and act on the verdict; return the decision.
 
@@ -147,7 +149,8 @@ def promote(
     ``canary_started`` (only with ``canary``, a champion, and ``rollout.canary_share > 0``): it
     won and now serves a canary share as ``challenger``; ``canary_rollout`` decides on live
     evidence. ``kept_champion``: it lost (a ``keep`` row in the audit names it), or it already
-    is champion (nothing is recorded).
+    is champion (nothing is recorded). ``approve_promotion`` (only with ``hold_for_approval``):
+    it won and would become champion, which waits for a person (:func:`act_on_approval`).
     """
     params = params or load_params()
     decision = gate(version, params)
@@ -173,6 +176,9 @@ def promote(
     if canary and decision.champion_version is not None and params.rollout.canary_share > 0:
         start_canary(str(version), actor=actor, reason=f"offline gate: {decision.reason}")
         return replace(decision, outcome=TrainOutcome.CANARY_STARTED)
+    if hold_for_approval:
+        log.info("v%s waits for approval: %s", version, decision.reason)
+        return replace(decision, outcome=TrainOutcome.AWAITING_APPROVAL)
     registry.set_alias(
         registry.CHAMPION,
         str(version),
@@ -185,8 +191,58 @@ def promote(
 
 
 def promote_or_canary(version: str, *, actor: str, params: Params | None = None) -> TrainOutcome:
-    """The DAG's (and ``driftloop canary``'s) step: :func:`promote` by way of a canary."""
+    """``driftloop canary``'s step: :func:`promote` by way of a canary."""
     return promote(version, actor=actor, params=params, canary=True).outcome
+
+
+def promote_in_dag(version: str, *, actor: str, params: Params | None = None) -> PromotionDecision:
+    """``train_model``'s step: :func:`promote` by way of a canary, where a direct move of
+    ``champion`` waits for a person when ``promotion.require_approval`` says so (at the CLI a
+    person acts already)."""
+    params = params or load_params()
+    hold = params.promotion.require_approval
+    return promote(version, actor=actor, params=params, canary=True, hold_for_approval=hold)
+
+
+def act_on_approval(decision: PromotionDecision, approval: Approval, *, actor: str) -> TrainOutcome:
+    """Carry out a person's answer to :func:`promote`'s ``approve_promotion``.
+
+    Approved: ``champion`` moves, with the person as the audit row's actor. Rejected, or the
+    champion moved while the request waited (which voids it): the champion stays, recorded.
+    """
+    who = approval.actor(actor)
+    evidence = {**decision.to_dict(), "approval": approval.to_dict()}
+    current = registry.get_alias(registry.CHAMPION)
+    current_version = current.version if current else None
+    if approval.approved and current_version == decision.champion_version:
+        registry.set_alias(
+            registry.CHAMPION,
+            decision.challenger_version,
+            actor=who,
+            action=AuditAction.PROMOTE,
+            reason=f"{approval.describe()} (gate: {decision.reason})",
+            evidence=evidence,
+        )
+        return TrainOutcome.APPROVED
+    why = approval.describe()
+    if approval.approved:
+        why = (
+            f"void: champion moved from v{decision.champion_version} to v{current_version} "
+            f"while the request waited ({why})"
+        )
+    registry.record_keep(
+        champion_version=current_version,
+        challenger_version=decision.challenger_version,
+        actor=who,
+        reason=why,
+        evidence=evidence,
+    )
+    return TrainOutcome.REJECTED
+
+
+def from_dict(data: dict[str, Any]) -> PromotionDecision:
+    """A :class:`PromotionDecision` back from :meth:`PromotionDecision.to_dict` (XCom)."""
+    return PromotionDecision(**{**data, "outcome": TrainOutcome(data["outcome"])})
 
 
 def run_all(

@@ -24,9 +24,10 @@ HEAVY = {
     "bentoml",
     "numpy",
 }
-# The one library module a DAG file may import at parse time: the outcomes its branches name.
+# The library modules a DAG file may import at parse time (both stdlib only): the outcomes its
+# branches name, and the options of its approval step.
 OUTCOMES = "ml.lifecycle.outcomes"
-PARSE_TIME_ML = {"ml", "ml.lifecycle", OUTCOMES}
+PARSE_TIME_ML = {"ml", "ml.lifecycle", OUTCOMES, "ml.lifecycle.approval"}
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +126,12 @@ def test_train_model_shape(dagbag) -> None:
         "promoted",
         "canary_started",
         "kept_champion",
+        "approve_promotion",  # only with promotion.require_approval
+    }
+    assert dag.get_task("act_on_approval").upstream_task_ids == {"approve_promotion"}
+    assert dag.get_task("act_on_approval").downstream_task_ids - {"release_retraining"} == {
+        "approved",
+        "rejected",
     }
     # The lock is released by a teardown that waits for every other task, whatever its state;
     # no watcher is needed, since a teardown never decides the run's state.
@@ -170,12 +177,23 @@ def test_canary_rollout_ends_in_a_named_outcome(dagbag) -> None:
         "waiting",
         "canary_promoted",
         "canary_rolled_back",
+        "approve_canary_promotion",  # only with promotion.require_approval
     }
-    # evaluate decides without acting; only the two acting ends move an alias, on its decision.
+    # A person's answer is acted on by one task, which ends in one of two named outcomes.
+    assert dag.get_task("act_on_approval").upstream_task_ids == {
+        "approve_canary_promotion",
+        "evaluate",
+    }
+    assert dag.get_task("act_on_approval").downstream_task_ids == {
+        "canary_approved",
+        "canary_rejected",
+    }
+    # evaluate decides without acting; only the acting tasks move an alias, on its decision.
     assert dag.get_task("evaluate").downstream_task_ids == {
         "decide",
         "canary_promoted",
         "canary_rolled_back",
+        "act_on_approval",
     }
     for end in ("nothing_to_judge", "no_canary", "waiting"):
         assert dag.get_task(end).task_type == "EmptyOperator"

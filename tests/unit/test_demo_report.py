@@ -22,8 +22,10 @@ GOOD: dict[str, Any] = {
     "started": "2026-01-01T00:00:00+00:00",
     "steps": [
         {"step": "first model", "outcome": "promoted"},
-        {"step": "same-period traffic", "outcome": "no_drift"},
-        {"step": "2016 traffic", "outcome": "retrain"},
+        {"step": "same-period traffic", "outcome": "no_drift",
+         "note": "**no_drift**: nothing moved\n\nDrift review: /r/1/review.html"},
+        {"step": "2016 traffic", "outcome": "retrain",
+         "note": "**retrain**: drifted\n\nDrift review: /r/2/review.html"},
         {"step": "retraining", "state": "success", "outcome": "canary_started"},
         {"step": "canary", "outcome": "canary_promoted",
          "evidence": {"test": {"log_wealth_not_worse": 3.4, "bound": 3.0},
@@ -60,8 +62,8 @@ def run_check(tmp_path: Path, summary: dict[str, Any], capsys) -> tuple[int, str
 def test_a_good_summary_passes(tmp_path: Path, capsys) -> None:
     rc, out = run_check(tmp_path, GOOD, capsys)
     assert rc == 0, out
-    # the steps, then the canary's evidence, failed tries and failed runs
-    assert out.count("\nok  ") == len(check_demo.EXPECTED_STEPS) + 3
+    # the steps, the two run notes, then the canary's evidence, failed tries and failed runs
+    assert out.count("\nok  ") == len(check_demo.EXPECTED_STEPS) + 5
     assert "FAIL" not in out and out.rstrip().endswith("demo check: passed")
     assert "expected canary_rolled_back" in out and "seen canary_rolled_back" in out
 
@@ -101,6 +103,7 @@ def test_a_failed_try_fails_even_when_every_outcome_is_right(tmp_path: Path, cap
         pytest.param(lambda s: s["steps"].reverse(), id="steps out of order"),
         pytest.param(lambda s: s["steps"].append({"step": "x", "outcome": "y"}), id="extra"),
         pytest.param(lambda s: s.update(error="RuntimeError: boom"), id="the demo stopped"),
+        pytest.param(lambda s: s["steps"][2].update(note=None), id="a drift run without a note"),
     ],
 )
 def test_anything_else_wrong_fails(tmp_path: Path, capsys, change) -> None:
