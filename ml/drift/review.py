@@ -40,8 +40,9 @@ Z_SHOWN = 1.96  # a term is listed as moved when |z| is past this (two-sided 5%)
 
 
 def terms(text: str) -> list[str]:
-    """Lower-cased words and hashtags of a tweet (no URLs, mentions or stopwords)."""
-    words = TOKEN.findall(URL_OR_MENTION.sub(" ", text).lower())
+    """Lower-cased words and hashtags of a tweet (no URLs, mentions, stopwords or HTML entities:
+    the tweets carry ``&amp;``, which would otherwise rank as the word "amp")."""
+    words = TOKEN.findall(URL_OR_MENTION.sub(" ", html.unescape(text)).lower())
     return [w for w in words if w not in STOPWORDS and len(w) > 1]
 
 
@@ -317,6 +318,8 @@ def render(data: dict[str, Any]) -> str:
         or '<span class="muted">none yet</span>'
     )
     window = f"{_e(r['window_start'])} – {_e(r['window_end'])}"
+    why = str(decision.get("why") or "")
+    why = f"<p>decision: {_e(why)}</p>" if why and why.strip() != str(r["reason"]).strip() else ""
     confidence = _histogram_svg(data["confidence_reference"], data["confidence_window"])
     mix = _bars(
         {
@@ -329,7 +332,7 @@ def render(data: dict[str, Any]) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>driftloop drift review: {verdict}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>
 <body><header class="{css}"><h1 id="verdict">{verdict} · decision: {_e(decision["action"])}</h1>
-<p>{_e(r["reason"])} — {_e(decision.get("why", ""))}</p>
+<p>{_e(r["reason"])}</p>{why}
 <p>window {window} · {r["rows"]} rows, {r["feedback_rows"]} labelled ·
 model v{_e(r["model_version"])}</p></header>
 <main>

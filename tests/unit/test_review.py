@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ml.drift.review import log_odds, record_decision, review_data, write_review
+from ml.drift.review import log_odds, record_decision, review_data, terms, write_review
 from scripts.review_shots import chromium, dump_dom, shoot
 from tests.harness.servers import servers_missing
 
@@ -79,6 +79,8 @@ def test_log_odds_ranks_what_moved_and_shrinks_rare_terms() -> None:
     assert abs(rare["z"]) < 1  # three sightings are not news
     same = next(r for r in rows if r["term"] == "cat")
     assert abs(same["z"]) < abs(rows[0]["z"])
+    # HTML entities in tweets are text, not words: "&amp;" must not rank as "amp".
+    assert terms("salt &amp; pepper &lt;3") == ["salt", "pepper"]
 
 
 def test_the_page_says_the_verdict_moved_terms_and_examples(tmp_path: Path) -> None:
@@ -90,9 +92,11 @@ def test_the_page_says_the_verdict_moved_terms_and_examples(tmp_path: Path) -> N
     assert len(data["window_like"]["examples"]) == 8
     page = write_review(tmp_path, data).read_text()
     assert "Drift detected" in page and "decision: in progress" in page
-    record_decision(tmp_path, "retrain", "embeddings drifted and labels are there")
+    record_decision(tmp_path, "retrain", "the window has labels to learn from")
     page = (tmp_path / "review.html").read_text()
     assert "decision: retrain" in page
+    assert "decision: the window has labels to learn from" in page  # the why, said once
+    assert page.count(result["reason"]) == 1
     assert "<script" not in page
     assert record_decision(tmp_path / "missing", "retrain", "") is None
 
