@@ -118,8 +118,10 @@ def train_model() -> None:
     def register(mlflow_run: str, params: dict | None = None) -> str:
         from ml.training import pipeline
 
-        reason = (params or {}).get("reason", "manual run")
-        return pipeline.register(mlflow_run, reason=reason, actor=actor())["version"]
+        p = params or {}
+        reason, report = p.get("reason", "manual run"), p.get("drift_report")
+        version = pipeline.register(mlflow_run, reason=reason, actor=actor(), drift_report=report)
+        return version["version"]
 
     @task.branch
     def promote(version: str, params: dict | None = None) -> str:

@@ -36,6 +36,7 @@ CHALLENGER = "challenger"
 CANARY_SHARE_TAG = "canary_share"
 CANARY_STARTED_TAG = "canary_started_at"
 REJECTED_TAG = "rejected"
+DRIFT_REPORT_TAG = "drift_report"  # the report folder whose drift led to this version
 # What every logged model needs at inference time; explicit because MLflow's inference of the
 # requirements fails on this stack (it looks for torchvision).
 MODEL_PIP_REQUIREMENTS = ["torch==2.13.0", "transformers", "tokenizers", "safetensors"]

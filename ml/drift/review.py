@@ -270,7 +270,7 @@ def _histogram_svg(ref: list[float], win: list[float], width: int = 280, height:
 def _link(name: str, target: str) -> str:
     """A page or URL becomes an anchor; anything else (an MLflow ``runs:/`` URI, a version and
     its outcome) is shown as text, since a browser could not follow it."""
-    if " " in target or ("://" in target and not target.startswith(("http://", "https://"))):
+    if not target.startswith(("http://", "https://")) and (":" in target or " " in target):
         return f"{_e(name)}: <code>{_e(target)}</code>"
     return f'<a href="{_e(target)}">{_e(name)}</a>'
 

@@ -330,6 +330,7 @@ def promote_canary(decision: CanaryDecision, *, actor: str) -> None:
         evidence=decision.to_dict(),
     )
     emit_metric("promotions", 1, kind="counter", reason="canary")
+    _link_review(version, "promoted to champion", decision.reason)
 
 
 def roll_back_canary(decision: CanaryDecision, *, actor: str) -> None:
@@ -346,6 +347,15 @@ def roll_back_canary(decision: CanaryDecision, *, actor: str) -> None:
     )
     emit_metric("rollbacks", 1, kind="counter", reason="canary")
     events.emit("rollback", {"kind": "canary", "reason": decision.reason, "version": version})
+    _link_review(version, "rolled back", decision.reason)
+
+
+def _link_review(version: str, outcome: str, reason: str) -> None:
+    """A canary that a drift retraining started ends on that drift's review page too."""
+    from ml.drift.review import add_links
+
+    report = registry.get_version(version).tags.get(registry.DRIFT_REPORT_TAG)
+    add_links(report, {"Canary": f"v{version}: {outcome} ({reason[:300]})"})
 
 
 def act_on_approval(decision: CanaryDecision, approval: Approval, *, actor: str) -> CanaryOutcome:

@@ -327,10 +327,14 @@ def card_for_run(run: Any, reason: str, champion_version: str | None) -> ModelCa
     )
 
 
-def register(run_id: str, *, reason: str, actor: str) -> dict[str, Any]:
+def register(
+    run_id: str, *, reason: str, actor: str, drift_report: str | None = None
+) -> dict[str, Any]:
     """Register a run's model as a new version and point ``challenger`` at it.
 
-    The version's description is its model card (:mod:`ml.training.model_card`).
+    The version's description is its model card (:mod:`ml.training.model_card`); a version
+    that a drift finding led to is tagged with its report (the canary's end is added to that
+    report's review page).
     """
     mlc = registry.client()
     run = mlc.get_run(run_id)
@@ -348,7 +352,8 @@ def register(run_id: str, *, reason: str, actor: str) -> dict[str, Any]:
             run.data.tags[MODEL_URI_TAG],
             run_id,
             reason=reason,
-            tags={"git_commit": card.git_commit},
+            tags={"git_commit": card.git_commit}
+            | ({registry.DRIFT_REPORT_TAG: drift_report} if drift_report else {}),
             description=render_card(card),
         )
     current = registry.get_alias(registry.CHALLENGER)

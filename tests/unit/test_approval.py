@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 
 from ml import registry
+from ml.drift.review import review_data, write_review
 from ml.lifecycle import canary, promotion
 from ml.lifecycle.approval import Approval, ApprovalError, request_body
 from ml.lifecycle.canary import CanaryDecision
 from ml.params import load_params
 from ml.training import pipeline
+from tests.unit.test_review import LABELS, drifted
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -108,6 +110,11 @@ def test_a_canary_promotion_waits_for_its_answer(tmp_home, tiny_model_dir, choic
     v1 = registry.register_model_dir(tiny_model_dir, reason="first").version
     registry.set_alias("champion", v1, actor="t", reason="seed", action="promote")
     v2 = registry.register_model_dir(tiny_model_dir, reason="retrain").version
+    # v2 came from a drift finding: its canary's end goes onto that finding's review page.
+    report = tmp_home / "reports" / "r1"
+    report.mkdir(parents=True)
+    write_review(report, review_data(*drifted(), LABELS))
+    registry.set_version_tag(v2, registry.DRIFT_REPORT_TAG, str(report))
     canary.start_canary(v2, actor="dag:train_model/x", reason="passed offline gate", share=0.2)
     decision = CanaryDecision(action=canary.CanaryAction.PROMOTE, reason="not worse",
                               champion=CHAMPION, challenger=CHALLENGER)
@@ -118,3 +125,6 @@ def test_a_canary_promotion_waits_for_its_answer(tmp_home, tiny_model_dir, choic
     assert last.actor == "user:cy via dag:canary_rollout/z"
     assert last.action == ("canary_promote" if choice == "Approve" else "canary_rollback")
     assert canary.canary_in_progress() is None
+    end, verb = ("promoted to champion", "approved") if choice == "Approve" else ("rolled back",
+                                                                              "rejected")
+    assert f"Canary: <code>v{v2}: {end} ({verb} by cy" in (report / "review.html").read_text()

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ml.drift.review import log_odds, record_decision, review_data, terms, write_review
+from ml.drift.review import add_links, log_odds, record_decision, review_data, terms, write_review
 from scripts.review_shots import chromium, dump_dom, shoot
 from tests.harness.servers import servers_missing
 
@@ -99,6 +99,11 @@ def test_the_page_says_the_verdict_moved_terms_and_examples(tmp_path: Path) -> N
     assert page.count(result["reason"]) == 1
     assert "<script" not in page
     assert record_decision(tmp_path / "missing", "retrain", "") is None
+    # What a decision led to: pages and web addresses are links, an MLflow URI is text.
+    add_links(tmp_path, {"Retraining run (MLflow)": "runs:/abc123", "Run": "http://mlflow/x"})
+    page = (tmp_path / "review.html").read_text()
+    assert "Retraining run (MLflow): <code>runs:/abc123</code>" in page
+    assert '<a href="http://mlflow/x">Run</a>' in page and '<a href="report.html">' in page
 
 
 @pytest.mark.parametrize("case", ["drift", "no_drift"])
