@@ -255,7 +255,7 @@ def test_default_output_follows_the_terminal(tmp_home, monkeypatch, terminal: bo
 
 
 def test_human_rendering_aligns_keys_and_tabulates_flat_rows() -> None:
-    from ml.cli import _human_lines
+    from ml.console import human_lines
 
     value = {
         "version": "3",
@@ -264,7 +264,7 @@ def test_human_rendering_aligns_keys_and_tabulates_flat_rows() -> None:
         "signals": [],
         "rows": [{"name": "a", "n": 1}, {"name": "bbb", "n": None}],
     }
-    assert _human_lines(value) == [
+    assert human_lines(value) == [
         "version:        3",
         "drift_detected: no",
         "metrics:",
