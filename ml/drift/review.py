@@ -168,6 +168,13 @@ def review_data(
         "terms_down": [r for r in words if r["z"] < -Z_SHOWN][:10],
         "hashtags_up": [r for r in tags if r["z"] > Z_SHOWN][:6],
         "hashtags_down": [r for r in tags if r["z"] < -Z_SHOWN][:6],
+        # How many were compared and how many passed: about 5% pass by chance alone.
+        "terms_tested": {
+            "words": len(words),
+            "words_moved": sum(abs(r["z"]) > Z_SHOWN for r in words),
+            "hashtags": len(tags),
+            "hashtags_moved": sum(abs(r["z"]) > Z_SHOWN for r in tags),
+        },
         "labels": labels,
         "mix_reference": shares(reference["label"], labels),
         "mix_window": shares(window["label"], labels),
@@ -318,6 +325,13 @@ def render(data: dict[str, Any]) -> str:
         or '<span class="muted">none yet</span>'
     )
     window = f"{_e(r['window_start'])} – {_e(r['window_end'])}"
+    tested = data.get("terms_tested")
+    chance = (
+        f'<p class="muted">{tested["words_moved"]} of {tested["words"]} words compared moved '
+        f"past |z| {Z_SHOWN}; chance alone moves about {0.05 * tested['words']:.0f}</p>"
+        if tested
+        else ""
+    )
     why = str(decision.get("why") or "")
     why = f"<p>decision: {_e(why)}</p>" if why and why.strip() != str(r["reason"]).strip() else ""
     confidence = _histogram_svg(data["confidence_reference"], data["confidence_window"])
@@ -340,7 +354,7 @@ model v{_e(r["model_version"])}</p></header>
 <th>threshold</th><th></th></tr>{signals}</table></section>
 <section><h2>Predicted class mix</h2>{mix}</section>
 <section><h2>Confidence</h2>{confidence}{quality_html}</section>
-<section><h2>Words more frequent now</h2>{_terms_table(data["terms_up"], "up")}</section>
+<section><h2>Words more frequent now</h2>{_terms_table(data["terms_up"], "up")}{chance}</section>
 <section><h2>Words less frequent now</h2>{_terms_table(data["terms_down"], "down")}</section>
 <section><h2>Hashtags up</h2>{_terms_table(data["hashtags_up"], "up")}</section>
 <section><h2>Hashtags down</h2>{_terms_table(data["hashtags_down"], "down")}</section>

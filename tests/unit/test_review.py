@@ -89,9 +89,12 @@ def test_the_page_says_the_verdict_moved_terms_and_examples(tmp_path: Path) -> N
     assert data["terms_up"][0]["term"] in {"election", "vote"}
     assert data["hashtags_up"][0]["term"] == "#debate"
     assert data["window_like"]["auc"] > 0.7
+    tested = data["terms_tested"]
+    assert 0 < tested["words_moved"] <= tested["words"] and tested["hashtags_moved"] >= 1
     assert len(data["window_like"]["examples"]) == 8
     page = write_review(tmp_path, data).read_text()
     assert "Drift detected" in page and "decision: in progress" in page
+    assert f"of {tested['words']} words compared moved past |z| 1.96; chance alone" in page
     record_decision(tmp_path, "retrain", "the window has labels to learn from")
     page = (tmp_path / "review.html").read_text()
     assert "decision: retrain" in page
