@@ -253,23 +253,21 @@ def register_model(
     return _info(mlc.get_model_version(name, mv.version), mlc)
 
 
-def model_signature(model: Any, tokenizer: Any) -> ModelSignature:
-    """The pyfunc signature, inferred from the model's own answers to :data:`INPUT_EXAMPLE`.
+def model_signature() -> ModelSignature:
+    """The pyfunc signature: a text in; one label and its probability per text out, as the
+    transformers flavour's ``text-classification`` pyfunc returns them.
 
-    Texts in; one label and its probability per text out, as the transformers flavour's
-    ``text-classification`` pyfunc returns them.
+    Declared, not inferred from our own forward pass, so that it holds for any label set (a
+    model whose labels are not the task's must still be loggable: the service refuses it).
+    MLflow checks it against the model's answers to :data:`INPUT_EXAMPLE` when logging.
     """
-    import pandas as pd
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
 
-    from ml.modeling import predict_proba
-    from ml.params import LABELS
-
-    proba = predict_proba(model, tokenizer, INPUT_EXAMPLE)
-    answers = pd.DataFrame(
-        {"label": [LABELS[i] for i in proba.argmax(axis=1)], "score": proba.max(axis=1)}
-    ).astype({"score": "float64"})
-    return infer_signature(list(INPUT_EXAMPLE), answers)
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
+    )
 
 
 def log_model_dir(model_dir: Path) -> str:
@@ -288,7 +286,7 @@ def log_model_dir(model_dir: Path) -> str:
         name="model",
         task=MODEL_TASK,
         pip_requirements=MODEL_PIP_REQUIREMENTS,
-        signature=model_signature(model, tokenizer),
+        signature=model_signature(),
         input_example=list(INPUT_EXAMPLE),
     )
     return str(info.model_uri)
