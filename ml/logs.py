@@ -109,4 +109,10 @@ def configure(
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for name in NOISY:
-        logging.getLogger(name).setLevel(logging.WARNING)
+        noisy = logging.getLogger(name)
+        noisy.setLevel(logging.WARNING)
+        # MLflow gives its logger a handler of its own and stops it propagating, so its
+        # warnings would bypass the format: they go through the root handler instead.
+        for own in list(noisy.handlers):
+            noisy.removeHandler(own)
+        noisy.propagate = True
