@@ -167,8 +167,10 @@ def test_dashboard_queries_return_data_and_a_stopped_service_fires(
         assert query(base, "driftloop_ready")[0]["value"][1] == "1"
         assert "DriftloopServiceDown" not in firing(base)
 
-        terminate_group(service, timeout=30)
+        # Timed from the start of the stop: the service may refuse scrapes before its shutdown
+        # returns, and `for: 1m` counts from the first refused scrape.
         stopped = time.monotonic()
+        terminate_group(service, timeout=30)
         wait_for(
             lambda: "DriftloopServiceDown" in firing(base), 150, "DriftloopServiceDown to fire"
         )
