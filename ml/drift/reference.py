@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ml.drift.features import compute_features
 from ml.drift.result import DriftError
 from ml.params import DriftParams, Params, load_params
+from ml.training.lineage import DATA_TAG_PREFIX
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -77,7 +78,7 @@ def reference_rows(
             table = tweets[tweets["source"].isin(params.data.train_sources)]
         origin = f"{params.data.tweets} sources {params.data.train_sources}"
         batch = get_settings().work_dir / "train_batch.tsv"
-        md5 = run_tags.get("driftloop.data.train_batch.tsv")
+        md5 = run_tags.get(f"{DATA_TAG_PREFIX}train_batch.tsv")
         if md5 and batch.is_file() and file_md5(batch) == md5:
             unseen = table[~table["text"].isin(set(read_table(batch)["text"]))]
             if len(unseen) >= dparams.reference_size:
@@ -97,8 +98,8 @@ def _training_windows(run_tags: dict[str, str]) -> list[Path]:
     """Labelled production windows named in a training run's data tags that exist here."""
     from ml.settings import REPO_ROOT
 
-    prefix = "driftloop.data."
-    names = [k[len(prefix) :] for k in run_tags if k.startswith(prefix + "window-")]
+    windows = f"{DATA_TAG_PREFIX}window-"
+    names = [k.removeprefix(DATA_TAG_PREFIX) for k in run_tags if k.startswith(windows)]
     found = [REPO_ROOT / "data" / "feedback" / name for name in sorted(names, reverse=True)]
     return [p for p in found if p.is_file()]
 

@@ -24,13 +24,23 @@ def git_commit(repo: Path = REPO_ROOT) -> str:
     return f"{sha}-dirty" if dirty else sha
 
 
+# The run tags, named once: the model card and the drift reference read them back.
+REASON_TAG = "driftloop.reason"
+TRIGGER_TAG = "driftloop.trigger"
+GIT_COMMIT_TAG = "driftloop.git_commit"
+DATA_TAG_PREFIX = "driftloop.data."  # + file name -> md5
+
+
+def data_tags(data_hashes: dict[str, str]) -> dict[str, str]:
+    """``driftloop.data.<file name>`` -> md5, for each data file."""
+    return {f"{DATA_TAG_PREFIX}{Path(path).name}": md5 for path, md5 in sorted(data_hashes.items())}
+
+
 def lineage_tags(reason: str, data_hashes: dict[str, str], trigger: str = "cli") -> dict[str, str]:
     """MLflow tags that answer 'which code, which data, and why' for a training run."""
-    tags = {
-        "driftloop.reason": reason,
-        "driftloop.trigger": trigger,
-        "driftloop.git_commit": git_commit(),
+    return {
+        REASON_TAG: reason,
+        TRIGGER_TAG: trigger,
+        GIT_COMMIT_TAG: git_commit(),
+        **data_tags(data_hashes),
     }
-    for path, md5 in sorted(data_hashes.items()):
-        tags[f"driftloop.data.{Path(path).name}"] = md5
-    return tags

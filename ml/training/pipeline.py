@@ -25,6 +25,13 @@ from ml.training.data import (
     read_table,
 )
 from ml.training.evaluate import EvalResult, evaluate_model
+from ml.training.lineage import (
+    DATA_TAG_PREFIX,
+    GIT_COMMIT_TAG,
+    TRIGGER_TAG,
+    data_tags,
+    lineage_tags,
+)
 from ml.training.model_card import ModelCard, render_card
 
 if TYPE_CHECKING:
@@ -34,8 +41,7 @@ log = logging.getLogger(__name__)
 
 MODEL_URI_TAG = "driftloop.model_uri"
 EVAL_DATA_TAG = "driftloop.eval_data_md5"
-# Run tags written by :func:`ml.training.lineage.lineage_tags` and :func:`train`.
-DATA_TAG_PREFIX = "driftloop.data."  # + file name -> md5
+# Run tags written by :func:`train` (the lineage ones: :mod:`ml.training.lineage`).
 MIX_TAG_PREFIX = "driftloop.mix."  # + batch part -> rows
 FEEDBACK_PARTS = ("recent", "older")  # the parts of a batch's mix that are labelled feedback
 
@@ -103,7 +109,6 @@ def train(
     """
     import mlflow
 
-    from ml.training.lineage import lineage_tags
     from ml.training.train import train_model
 
     params = params or load_params()
@@ -181,10 +186,6 @@ def _feedback_rows(
     return rows
 
 
-def _data_tags(hashes: dict[str, str]) -> dict[str, str]:
-    return {f"{DATA_TAG_PREFIX}{Path(path).name}": md5 for path, md5 in sorted(hashes.items())}
-
-
 def _dataset(frame: pd.DataFrame, source: str | Path, name: str, digest: str | None) -> Any:
     from mlflow.data.pandas_dataset import from_pandas
 
@@ -223,12 +224,12 @@ def _log_datasets(
             (
                 _dataset(table, batch, Path(batch).name, hashes[batch]),
                 DatasetContext.TRAINING,
-                _data_tags(hashes),
+                data_tags(hashes),
             ),
             (
                 _dataset(val, val_path, val_path.name, val_hash),
                 DatasetContext.VALIDATION,
-                _data_tags({str(val_path): val_hash}),
+                data_tags({str(val_path): val_hash}),
             ),
         ]
         if feedback is not None and len(feedback):
@@ -236,7 +237,7 @@ def _log_datasets(
                 (
                     _dataset(feedback, batch, f"{Path(batch).name}:feedback", None),
                     DatasetContext.FEEDBACK,
-                    _data_tags(feedback_files),
+                    data_tags(feedback_files),
                 )
             )
         mlflow.log_inputs(
@@ -307,7 +308,7 @@ def card_for_run(run: Any, reason: str, champion_version: str | None) -> ModelCa
     return ModelCard(
         run_id=run.info.run_id,
         reason=reason,
-        trigger=tags.get("driftloop.trigger", "unknown"),
+        trigger=tags.get(TRIGGER_TAG, "unknown"),
         labels=LABELS,
         mlflow_task=registry.MODEL_TASK,
         metrics={k: v for k, v in run.data.metrics.items() if k.startswith("val_")},
@@ -321,7 +322,7 @@ def card_for_run(run: Any, reason: str, champion_version: str | None) -> ModelCa
             for k, v in tags.items()
             if k.startswith(DATA_TAG_PREFIX)
         },
-        git_commit=tags.get("driftloop.git_commit", "unknown"),
+        git_commit=tags.get(GIT_COMMIT_TAG, "unknown"),
         eval_data_md5=tags.get(EVAL_DATA_TAG),
         champion_version=champion_version,
     )
