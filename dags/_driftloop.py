@@ -123,8 +123,11 @@ def approval_task(task_id: str, subject: str, request_task: str) -> Any:
     )
 
 
-def approval(response: dict[str, Any]) -> Any:
-    """The library's :class:`~ml.lifecycle.approval.Approval` from a HITL task's result."""
-    from ml.lifecycle.approval import Approval
+def request_approval(**request: Any) -> None:
+    """Put the Markdown that :func:`approval_task` shows (``ml.lifecycle.approval.request_body``
+    of ``request``) in this task's XCom ``approval_request``."""
+    from airflow.sdk import get_current_context
 
-    return Approval.from_response(response)
+    from ml.lifecycle.approval import request_body
+
+    get_current_context()["ti"].xcom_push(key="approval_request", value=request_body(**request))

@@ -28,9 +28,16 @@ decision they act on is written to the audit table with its evidence (`driftloop
 
 from __future__ import annotations
 
-from _driftloop import DEFAULT_ARGS, START, actor, approval, approval_task, schedule_from_params
+from _driftloop import (
+    DEFAULT_ARGS,
+    START,
+    actor,
+    approval_task,
+    request_approval,
+    schedule_from_params,
+)
 from airflow.providers.standard.operators.empty import EmptyOperator
-from airflow.sdk import dag, get_current_context, task
+from airflow.sdk import dag, task
 
 from ml.lifecycle.outcomes import CanaryOutcome  # the branch ends' task ids (stdlib only)
 
@@ -56,15 +63,12 @@ def canary_rollout() -> None:
     @task.branch
     def decide(evaluation: dict) -> str:
         if evaluation["outcome"] == CanaryOutcome.AWAITING_APPROVAL:
-            from ml.lifecycle import approval
-
             d = evaluation["decision"]
-            body = approval.request_body(
+            request_approval(
                 challenger=d["challenger"]["version"],
                 champion=d["champion"]["version"],
                 reason=evaluation["reason"],
             )
-            get_current_context()["ti"].xcom_push(key="approval_request", value=body)
         return evaluation["outcome"]
 
     approve = approval_task(
@@ -75,9 +79,11 @@ def canary_rollout() -> None:
     def act_on_approval(response: dict, evaluation: dict) -> str:
         """A person answered: the challenger becomes champion, or its canary ends; audited."""
         from ml.lifecycle import canary
+        from ml.lifecycle.approval import Approval
 
         decision = canary.CanaryDecision.from_dict(evaluation["decision"])
-        return str(canary.act_on_approval(decision, approval(response), actor=actor()))
+        answer = Approval.from_response(response)
+        return str(canary.act_on_approval(decision, answer, actor=actor()))
 
     @task(task_id=CanaryOutcome.PROMOTED)
     def promote(evaluation: dict) -> None:

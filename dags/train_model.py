@@ -30,11 +30,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from _driftloop import DEFAULT_ARGS, START, actor, approval, approval_task, set_run_note
+from _driftloop import DEFAULT_ARGS, START, actor, approval_task, request_approval, set_run_note
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import Param, dag, get_current_context, task, teardown
 
-from ml.lifecycle.outcomes import TRAIN_ENDS, TrainOutcome  # the ends' task ids (stdlib only)
+# The ends' task ids (stdlib only).
+from ml.lifecycle.outcomes import TRAIN_ANSWERED, TRAIN_ENDS, TrainOutcome
 
 
 @dag(
@@ -128,19 +129,18 @@ def train_model() -> None:
         """The offline gate, then a canary when a champion exists: names one of the ends, or
         the approval step when a move of champion waits for a person."""
         from ml.drift.review import add_links
-        from ml.lifecycle import approval, promotion
+        from ml.lifecycle import promotion
 
         decision = promotion.promote_in_dag(version, actor=actor())
         ctx = get_current_context()
         ctx["ti"].xcom_push(key="decision", value=decision.to_dict())
         if decision.outcome == TrainOutcome.AWAITING_APPROVAL:
-            body = approval.request_body(
+            request_approval(
                 challenger=decision.challenger_version,
                 champion=decision.champion_version,
                 reason=decision.reason,
                 evidence={"run": ctx["run_id"], **(params or {})},
             )
-            ctx["ti"].xcom_push(key="approval_request", value=body)
         outcome = f"v{version}: {decision.outcome} ({decision.reason})"
         add_links((params or {}).get("drift_report"), {"Retraining outcome": outcome})
         return str(decision.outcome)
@@ -153,12 +153,12 @@ def train_model() -> None:
     def act_on_approval(response: dict) -> str:
         """A person answered: move champion (approved) or keep it (rejected); both audited."""
         from ml.lifecycle import promotion
+        from ml.lifecycle.approval import Approval
 
-        decision = get_current_context()["ti"].xcom_pull(task_ids="promote", key="decision")
-        outcome = promotion.act_on_approval(
-            promotion.from_dict(decision), approval(response), actor=actor()
-        )
-        return str(outcome)
+        asked = get_current_context()["ti"].xcom_pull(task_ids="promote", key="decision")
+        decision = promotion.PromotionDecision.from_dict(asked)
+        answer = Approval.from_response(response)
+        return str(promotion.act_on_approval(decision, answer, actor=actor()))
 
     @teardown
     @task(retries=3)
@@ -174,7 +174,7 @@ def train_model() -> None:
     ends = [EmptyOperator(task_id=outcome) for outcome in TRAIN_ENDS]
     steps[-1] >> [*ends, approve]
     answered = act_on_approval(approve.output)
-    answered >> (approval_ends := [EmptyOperator(task_id=o) for o in TrainOutcome.answered()])
+    answered >> (approval_ends := [EmptyOperator(task_id=o) for o in TRAIN_ANSWERED])
     steps += [approve, answered]
     ends += approval_ends
     # A teardown runs once every task before it is done, whatever their states, and its own

@@ -20,13 +20,9 @@ class TrainOutcome(StrEnum):
     APPROVED = "approved"  # a person approved: the challenger is champion now
     REJECTED = "rejected"  # a person rejected: the champion stays
 
-    @classmethod
-    def answered(cls) -> tuple[TrainOutcome, TrainOutcome]:
-        """The ends after a person's answer."""
-        return (cls.APPROVED, cls.REJECTED)
-
 
 TRAIN_ENDS = (TrainOutcome.PROMOTED, TrainOutcome.CANARY_STARTED, TrainOutcome.KEPT_CHAMPION)
+TRAIN_ANSWERED = (TrainOutcome.APPROVED, TrainOutcome.REJECTED)  # the ends after an answer
 
 
 class MonitorOutcome(StrEnum):

@@ -40,6 +40,11 @@ class PromotionDecision:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "outcome": str(self.outcome)}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PromotionDecision:
+        """Back from :meth:`to_dict` (it crosses task boundaries as XCom)."""
+        return cls(**{**data, "outcome": TrainOutcome(data["outcome"])})
+
 
 def decide_promotion(
     challenger_version: str,
@@ -238,11 +243,6 @@ def act_on_approval(decision: PromotionDecision, approval: Approval, *, actor: s
         evidence=evidence,
     )
     return TrainOutcome.REJECTED
-
-
-def from_dict(data: dict[str, Any]) -> PromotionDecision:
-    """A :class:`PromotionDecision` back from :meth:`PromotionDecision.to_dict` (XCom)."""
-    return PromotionDecision(**{**data, "outcome": TrainOutcome(data["outcome"])})
 
 
 def run_all(

@@ -58,7 +58,7 @@ def test_a_held_promotion_moves_nothing_until_approved(tmp_home, tiny_model_dir)
     assert held.outcome == "approve_promotion" and held.promote
     assert registry.get_alias("champion") is None and registry.audit_log() == []
 
-    again = promotion.from_dict(held.to_dict())
+    again = promotion.PromotionDecision.from_dict(held.to_dict())
     outcome = promotion.act_on_approval(again, Approval.from_response(_response("Approve")),
                                         actor="dag:train_model/r1")
     assert outcome == "approved" and registry.get_alias("champion").version == v1
