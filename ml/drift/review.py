@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import math
 import re
 from collections import Counter
@@ -25,6 +26,8 @@ import numpy as np
 import pandas as pd
 
 from ml.drift.features import embedding_columns
+
+log = logging.getLogger(__name__)
 
 TOKEN = re.compile(r"#\w+|[a-z][a-z']+", re.IGNORECASE)
 URL_OR_MENTION = re.compile(r"https?://\S+|www\.\S+|@\w+", re.IGNORECASE)
@@ -376,43 +379,25 @@ def write_review(report_dir: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def record_decision(
-    report_dir: str | Path | None, action: str, why: str, links: dict[str, str] | None = None
-) -> Path | None:
-    """:func:`update_decision` when the run has a review page; never raises (the decision
-    stands whatever happens to the page)."""
-    if not report_dir or not (Path(report_dir) / "review.json").exists():
-        return None
-    try:
-        return update_decision(Path(report_dir), {"action": action, "why": why}, links)
-    except Exception:  # noqa: BLE001
-        import logging
-
-        logging.getLogger(__name__).exception("could not update the review page in %s", report_dir)
-        return None
-
-
-def add_links(report_dir: str | Path | None, links: dict[str, str]) -> Path | None:
-    """Add what a decision led to (the retraining run, the canary) to a run's page; never
-    raises, and does nothing for a run without a page."""
+def _update(report_dir: str | Path | None, change: dict[str, Any]) -> Path | None:
+    """Re-render a run's page with ``change`` merged in (``links`` are added to the page's);
+    None for a run without a page. Never raises: the decision stands whatever happens to it."""
     if not report_dir or not (Path(report_dir) / "review.json").exists():
         return None
     try:
         data = json.loads((Path(report_dir) / "review.json").read_text())
-        data["links"] = {**data.get("links", {}), **links}
-        return write_review(Path(report_dir), data)
+        links = {**data.get("links", {}), **change.pop("links", {})}
+        return write_review(Path(report_dir), {**data, **change, "links": links})
     except Exception:  # noqa: BLE001
-        import logging
-
-        logging.getLogger(__name__).exception("could not update the review page in %s", report_dir)
+        log.exception("could not update the review page in %s", report_dir)
         return None
 
 
-def update_decision(
-    report_dir: Path, decision: dict[str, Any], links: dict[str, str] | None = None
-) -> Path:
-    """Re-render a run's page once the loop has decided (the DAG's evaluate step)."""
-    data = json.loads((report_dir / "review.json").read_text())
-    data["decision"] = decision
-    data["links"] = {**data.get("links", {}), **(links or {})}
-    return write_review(report_dir, data)
+def record_decision(report_dir: str | Path | None, action: str, why: str) -> Path | None:
+    """Put the loop's decision on a run's page (the DAG's evaluate step)."""
+    return _update(report_dir, {"decision": {"action": action, "why": why}})
+
+
+def add_links(report_dir: str | Path | None, links: dict[str, str]) -> Path | None:
+    """Add what a decision led to (the retraining run, the canary) to a run's page."""
+    return _update(report_dir, {"links": links})
