@@ -187,35 +187,28 @@ def test_a_store_that_refuses_datasets_costs_a_warning_not_the_run(
     assert "datasets were not logged: inputs not supported" in caplog.text
 
 
+def _card(**fields: object) -> str:
+    """A rendered card: an empty first model, with ``fields`` set."""
+    empty = {"run_id": "r1", "reason": "first model", "labels": LABELS, "metrics": {},
+             "data_mix": {}, "data_hashes": {}, "git_commit": "unknown"}
+    return render_card(ModelCard(**{**empty, **fields}))  # type: ignore[arg-type]
+
+
 def test_card_without_champion_mix_or_metrics_says_so() -> None:
-    card = render_card(
-        ModelCard(
-            run_id="r1",
-            reason="first model",
-            labels=LABELS,
-            metrics={},
-            data_mix={},
-            data_hashes={},
-            git_commit="unknown",
-        )
-    )
+    card = _card()
     assert "none (no champion when registered)" in card
     assert "Not recorded" in card and "None logged." in card and "No data hashes" in card
     assert card.index("## Why this version exists") < card.index("## Known limits")
 
 
 def test_card_states_the_feedback_share_of_the_batch() -> None:
-    card = render_card(
-        ModelCard(
-            run_id="r1",
-            reason="retrain",
-            labels=LABELS,
-            metrics={"val_macro_recall": 0.61234},
-            data_mix={"base": 75, "recent": 20, "older": 5, "recent_windows": 3},
-            data_hashes={"tweets.tsv": "abc"},
-            git_commit="deadbeef",
-            champion_version="4",
-        )
+    card = _card(
+        reason="retrain",
+        metrics={"val_macro_recall": 0.61234},
+        data_mix={"base": 75, "recent": 20, "older": 5, "recent_windows": 3},
+        data_hashes={"tweets.tsv": "abc"},
+        git_commit="deadbeef",
+        champion_version="4",
     )
     assert "Feedback (labelled production windows): 25 of 100 rows (25.0%)." in card
     assert (
