@@ -34,11 +34,13 @@ $(VENV)/.synced: pyproject.toml uv.lock
 
 venv: $(VENV)/.synced ## Create/refresh the Python environment from uv.lock
 
-data/tweets.tsv data/val.tsv &: $(VENV)/.synced data/tweets.tsv.dvc data/val.tsv.dvc
-	$(VENV)/bin/dvc pull --quiet data/tweets.tsv.dvc data/val.tsv.dvc
-	@touch data/tweets.tsv data/val.tsv
+DATA_FILES := data/tweets.tsv data/val.tsv data/emotion/train.tsv data/emotion/val.tsv
 
-data: data/tweets.tsv data/val.tsv ## Fetch the data from the DVC remote (../shared/dvc-store)
+$(DATA_FILES) &: $(VENV)/.synced $(addsuffix .dvc,$(DATA_FILES))
+	$(VENV)/bin/dvc pull --quiet $(addsuffix .dvc,$(DATA_FILES))
+	@touch $(DATA_FILES)
+
+data: $(DATA_FILES) ## Fetch every task's data from the DVC remote (../shared/dvc-store)
 
 airflow-db: $(VENV)/.synced ## Create/upgrade Airflow's metadata database
 	@$(STACK) && airflow db migrate > "$${DRIFTLOOP_HOME}/airflow-db-migrate.log" 2>&1 || \

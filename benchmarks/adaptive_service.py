@@ -13,7 +13,7 @@ from typing import Any
 
 import bentoml
 
-from ml.params import LABELS, load_params
+from ml.params import load_params
 from ml.serving.schemas import Prediction, PredictResponse
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
@@ -91,7 +91,7 @@ class AdaptiveModel:
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_TEXTS, max_latency_ms=LATENCY_BUDGET_MS)
     def predict(self, texts: list[str]) -> list[list[float]]:
-        """Class probabilities of each text of the batch BentoML gathered, in LABELS order."""
+        """Class probabilities of each text of the batch BentoML gathered, in the task's order."""
         return self.model.predict(texts).tolist()
 
     @bentoml.api(route="/info")
@@ -119,10 +119,11 @@ class AdaptiveFront:
         from ml.serving.records import new_request_id
 
         rows = await self.model.to_async.predict(texts)
+        labels = load_params().task.labels
         predictions = [
             Prediction(
-                label=LABELS[max(range(len(LABELS)), key=row.__getitem__)],
-                scores={name: round(float(p), 6) for name, p in zip(LABELS, row, strict=True)},
+                label=labels[max(range(len(labels)), key=row.__getitem__)],
+                scores={name: round(float(p), 6) for name, p in zip(labels, row, strict=True)},
                 request_id=new_request_id(),
                 model_version="bench",
             )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import pendulum
 
@@ -38,6 +40,53 @@ DEFAULT_ARGS = {
 }
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _params_file() -> dict[str, Any]:
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(os.environ.get("DRIFTLOOP_PARAMS") or Path(__file__).parents[1] / "params.yaml")
+    return dict(yaml.safe_load(path.read_text()) or {})
+
+
+def task_names() -> list[str]:
+    """The tasks params.yaml declares, the default first (read at parse time)."""
+    return list(_params_file().get("tasks") or {}) or ["sentiment"]
+
+
+def task_param() -> Any:
+    """The ``task`` param every driftloop DAG takes: which classifier a run is for."""
+    from airflow.sdk import Param
+
+    names = task_names()
+    return Param(
+        names[0],
+        type="string",
+        enum=names,
+        description="the task (params.yaml tasks:) this run is for: its data, model and reports",
+    )
+
+
+def for_task(fn: F) -> F:
+    """Run a DAG task's callable for the run's ``task`` param (``ml.params.use_task``): its
+    registered model, data, thresholds and reports. Put it under ``@task``."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from airflow.sdk import get_current_context
+
+        from ml.params import use_task
+
+        name = (get_current_context().get("params") or {}).get("task")
+        with use_task(name):
+            return fn(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
 def actor() -> str:
     """Who moves an alias, for the audit table: this DAG run."""
     from airflow.sdk import get_current_context
@@ -47,13 +96,8 @@ def actor() -> str:
 
 
 def _params_section(section: str) -> dict[str, Any]:
-    """One section of params.yaml (a small YAML read: fine at parse time)."""
-    from pathlib import Path
-
-    import yaml
-
-    path = Path(os.environ.get("DRIFTLOOP_PARAMS") or Path(__file__).parents[1] / "params.yaml")
-    return dict((yaml.safe_load(path.read_text()) or {}).get(section) or {})
+    """One shared section of params.yaml (a small YAML read: fine at parse time)."""
+    return dict(_params_file().get(section) or {})
 
 
 def set_run_note(note: str) -> bool:
@@ -71,6 +115,8 @@ def set_run_note(note: str) -> bool:
     from airflow.sdk import get_current_context
 
     ctx = get_current_context()
+    task = (ctx.get("params") or {}).get("task")
+    note = f"task `{task}` · {note}" if task else note
     execution = conf.get("core", "execution_api_server_url", fallback="") or ""
     base = os.environ.get("DRIFTLOOP_AIRFLOW_API_URL") or execution.removesuffix("/").removesuffix(
         "/execution"

@@ -33,8 +33,10 @@ from _driftloop import (
     START,
     actor,
     approval_task,
+    for_task,
     request_approval,
     schedule_from_params,
+    task_param,
 )
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import dag, task
@@ -51,9 +53,11 @@ from ml.lifecycle.outcomes import CanaryOutcome  # the branch ends' task ids (st
     doc_md=__doc__,
     tags=["driftloop", "rollout"],
     default_args=DEFAULT_ARGS,
+    params={"task": task_param()},
 )
 def canary_rollout() -> None:
     @task
+    @for_task
     def evaluate() -> dict:
         """Nothing to judge, no canary, or the canary rule's decision on live evidence."""
         from ml.lifecycle import canary
@@ -61,6 +65,7 @@ def canary_rollout() -> None:
         return canary.evaluate().to_dict()
 
     @task.branch
+    @for_task
     def decide(evaluation: dict) -> str:
         if evaluation["outcome"] == CanaryOutcome.AWAITING_APPROVAL:
             d = evaluation["decision"]
@@ -76,6 +81,7 @@ def canary_rollout() -> None:
     )
 
     @task.branch
+    @for_task
     def act_on_approval(response: dict, evaluation: dict) -> str:
         """A person answered: the challenger becomes champion, or its canary ends; audited."""
         from ml.lifecycle import canary
@@ -86,6 +92,7 @@ def canary_rollout() -> None:
         return str(canary.act_on_approval(decision, answer, actor=actor()))
 
     @task(task_id=CanaryOutcome.PROMOTED)
+    @for_task
     def promote(evaluation: dict) -> None:
         from ml.lifecycle import canary
 
@@ -93,6 +100,7 @@ def canary_rollout() -> None:
         canary.promote_canary(decision, actor=actor())
 
     @task(task_id=CanaryOutcome.ROLLED_BACK)
+    @for_task
     def roll_back(evaluation: dict) -> None:
         from ml.lifecycle import canary
 

@@ -29,7 +29,15 @@ version it judged, and in the Evidently workspace (`driftloop reports`). Window 
 
 from __future__ import annotations
 
-from _driftloop import DEFAULT_ARGS, START, actor, schedule_from_params, set_run_note
+from _driftloop import (
+    DEFAULT_ARGS,
+    START,
+    actor,
+    for_task,
+    schedule_from_params,
+    set_run_note,
+    task_param,
+)
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, get_current_context, setup, task, teardown
@@ -48,12 +56,14 @@ from ml.lifecycle.outcomes import MonitorOutcome  # the branch ends' task ids (s
     default_args=DEFAULT_ARGS,
     render_template_as_native_obj=True,
     params={
+        "task": task_param(),
         "since": Param(None, type=["null", "string"], description="window start (ISO, UTC)"),
         "until": Param(None, type=["null", "string"], description="window end (ISO, UTC)"),
     },
 )
 def monitor_drift() -> None:
     @task.branch
+    @for_task
     def check(params: dict | None = None) -> str:
         """End at once when there is nothing to judge: no registry, no champion, no traffic."""
         import logging
@@ -68,6 +78,7 @@ def monitor_drift() -> None:
         return "report"
 
     @task
+    @for_task
     def report(params: dict | None = None) -> dict:
         from ml import events
         from ml.drift import run_drift
@@ -80,6 +91,7 @@ def monitor_drift() -> None:
         return result
 
     @task
+    @for_task
     def evaluate(drift: dict) -> dict:
         from ml.drift.review import record_decision
         from ml.lifecycle import loop
@@ -91,11 +103,13 @@ def monitor_drift() -> None:
         return decision
 
     @task.branch
+    @for_task
     def decide(decision: dict) -> str:
         return decision["outcome"]
 
     @setup
     @task(task_id=MonitorOutcome.RETRAIN)
+    @for_task
     def retrain(drift: dict) -> str:
         """Take the single-retraining lock for this run (a retry of the run keeps it)."""
         from airflow.sdk.exceptions import AirflowSkipException
@@ -110,6 +124,7 @@ def monitor_drift() -> None:
         return token
 
     @task
+    @for_task
     def record_window(drift: dict, token: str) -> dict:
         """Record the labelled window as a new data version; build train_model's conf."""
         from ml.lifecycle import loop
@@ -129,6 +144,7 @@ def monitor_drift() -> None:
         return lock.release_unless_handed_over(token, triggered)
 
     @task(task_id=MonitorOutcome.ROLLBACK)
+    @for_task
     def rollback(decision: dict) -> dict:
         from ml.lifecycle import loop
 

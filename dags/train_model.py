@@ -1,7 +1,8 @@
 """
 ### train_model
 
-Trains a new tweet-sentiment model and promotes it only if it is better.
+Trains a new model for one task (the `task` param: params.yaml `tasks:`) and promotes it only
+if it is better.
 
 **prepare → validate → train → evaluate → register → promote**, then one of three outcomes:
 
@@ -20,7 +21,7 @@ person. Unanswered, it is rejected after `promotion.approval_timeout_hours`.
 A batch that fails the Great Expectations gate stops the run at `validate` (no retry, nothing is
 registered); the task log names each failing expectation and column, and the Data Docs path.
 Every alias move, and every decision to keep the champion, is written to the audit table
-(`driftloop audit`). Params: `max_examples`, `epochs`, `reason` (shown on the MLflow run),
+(`driftloop audit`). Params: `task`, `max_examples`, `epochs`, `reason` (shown on the MLflow run),
 `extra_paths` (labelled batches to add), `batch_path` (train on exactly this table instead);
 `monitor_drift` also passes `drift_report` (tagged on the MLflow run) and the retraining lock,
 which `release_retraining` frees however the run ends.
@@ -30,7 +31,16 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from _driftloop import DEFAULT_ARGS, START, actor, approval_task, request_approval, set_run_note
+from _driftloop import (
+    DEFAULT_ARGS,
+    START,
+    actor,
+    approval_task,
+    for_task,
+    request_approval,
+    set_run_note,
+    task_param,
+)
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import Param, dag, get_current_context, task, teardown
 
@@ -48,13 +58,20 @@ from ml.lifecycle.outcomes import TRAIN_ANSWERED, TRAIN_ENDS, TrainOutcome
     tags=["driftloop", "training"],
     default_args=DEFAULT_ARGS,
     params={
+        "task": task_param(),
         "max_examples": Param(
             None,
             type=["null", "integer"],
             minimum=20,
             description="training rows (default: train.max_examples in params.yaml)",
         ),
-        "epochs": Param(1, type="integer", minimum=1, maximum=20),
+        "epochs": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            maximum=20,
+            description="passes over the batch (default: the task's train.epochs)",
+        ),
         "reason": Param("manual run", type="string", description="why this model is trained"),
         "extra_paths": Param([], type="array", description="extra labelled batches (TSV)"),
         "batch_path": Param(None, type=["null", "string"], description="train on this table"),
@@ -64,6 +81,7 @@ from ml.lifecycle.outcomes import TRAIN_ANSWERED, TRAIN_ENDS, TrainOutcome
 )
 def train_model() -> None:
     @task
+    @for_task
     def prepare(params: dict | None = None) -> dict:
         from ml.training import pipeline
 
@@ -74,6 +92,7 @@ def train_model() -> None:
         return {"path": batch.path, "inputs": batch.inputs, "rows": batch.rows, "mix": batch.mix}
 
     @task
+    @for_task
     def validate(batch: dict) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
@@ -88,6 +107,7 @@ def train_model() -> None:
         return batch
 
     @task(execution_timeout=timedelta(hours=2))
+    @for_task
     def train(batch: dict, params: dict | None = None) -> str:
         from ml.training import pipeline
 
@@ -109,6 +129,7 @@ def train_model() -> None:
         return result["run_id"]
 
     @task
+    @for_task
     def evaluate(mlflow_run: str) -> str:
         from ml.training import pipeline
 
@@ -116,6 +137,7 @@ def train_model() -> None:
         return mlflow_run
 
     @task
+    @for_task
     def register(mlflow_run: str, params: dict | None = None) -> str:
         from ml.training import pipeline
 
@@ -125,6 +147,7 @@ def train_model() -> None:
         return version["version"]
 
     @task.branch
+    @for_task
     def promote(version: str, params: dict | None = None) -> str:
         """The offline gate, then a canary when a champion exists: names one of the ends, or
         the approval step when a move of champion waits for a person."""
@@ -150,6 +173,7 @@ def train_model() -> None:
     )
 
     @task.branch
+    @for_task
     def act_on_approval(response: dict) -> str:
         """A person answered: move champion (approved) or keep it (rejected); both audited."""
         from ml.lifecycle import promotion
@@ -162,6 +186,7 @@ def train_model() -> None:
 
     @teardown
     @task(retries=3)
+    @for_task
     def release_retraining(params: dict | None = None) -> bool:
         """Free the single-retraining lock taken by monitor_drift, however this run ended."""
         from ml.lifecycle import lock

@@ -36,8 +36,8 @@ def cached_model_dir(version: str, name: str | None = None, *, keep: int = 3) ->
 
     Args:
         version: The registered version.
-        name: Registered model name (``DRIFTLOOP_MODEL_NAME`` when None).
-        keep: How many downloaded versions to keep on disk.
+        name: Registered model name (the current task's when None).
+        keep: How many downloaded versions of that model to keep on disk.
     """
     info = registry.get_version(str(version), name)
     cache = cache_root()
@@ -59,7 +59,7 @@ def cached_model_dir(version: str, name: str | None = None, *, keep: int = 3) ->
     else:
         log.info("%s v%s: using the copy downloaded earlier (%s)", info.name, info.version, entry)
         os.utime(entry)  # most recently used
-    _prune(cache, keep=max(1, keep), current=entry)
+    _prune(cache, keep=max(1, keep), current=entry, name=info.name)
     return path
 
 
@@ -81,11 +81,16 @@ def _complete(entry: Path) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
-def _prune(cache: Path, *, keep: int, current: Path) -> None:
-    """Delete all but the ``keep`` most recently used downloads (never ``current``), and
-    temporary folders of downloads that a killed process left behind."""
+def _prune(cache: Path, *, keep: int, current: Path, name: str) -> None:
+    """Delete all but the ``keep`` most recently used downloads of model ``name`` (never
+    ``current``; other tasks' models are theirs to prune), and temporary folders of downloads
+    that a killed process left behind."""
     entries = sorted(
-        (p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        (
+            p
+            for p in cache.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and p.name.startswith(f"{name}-v")
+        ),
         key=lambda p: p.stat().st_mtime,
         reverse=True,
     )

@@ -103,6 +103,15 @@ def main(
             show_default=False,
         ),
     ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            "--task",
+            help="The task (params.yaml tasks:) the command works on: its data, registered "
+            "model, reports and thresholds. Default: DRIFTLOOP_TASK, else the first task.",
+            show_default=False,
+        ),
+    ] = None,
     version: Annotated[
         bool,
         typer.Option(
@@ -114,8 +123,14 @@ def main(
     ] = False,
 ) -> None:
     """driftloop command line."""
+    from ml.params import UnknownTask, select_task
+
     logs.configure(verbose, log_format)
     _offline_defaults()
+    try:
+        select_task(task)
+    except UnknownTask as exc:
+        raise _fail(str(exc), code=2) from None
 
 
 @app.command()
@@ -130,8 +145,12 @@ def validate(
     from ml.training.validation import validate_file
 
     try:
+        params = load_params()
         result = validate_file(
-            path, load_params().validation, data_docs_dir=get_settings().data_docs_dir
+            path,
+            params.validation,
+            data_docs_dir=get_settings().data_docs_dir,
+            labels=params.task.labels,
         )
     except DataError as exc:
         if _wants_json(as_json):
@@ -348,11 +367,15 @@ def serve(
         str, typer.Option(help="Interface to bind (0.0.0.0 for every interface).")
     ] = "127.0.0.1",
 ) -> None:
-    """Serve the champion over HTTP (BentoML): /predict, /feedback, /model, /metrics."""
+    """Serve the task's champion over HTTP (BentoML): /predict, /feedback, /model, /metrics."""
+    from ml.params import current_task
     from ml.serving.launch import serve_argv
     from ml.settings import REPO_ROOT
 
     cmd = serve_argv(host=host, port=port)
+    task = current_task()
+    if task:  # --task: the service serves that task
+        os.environ["DRIFTLOOP_TASK"] = task
     typer.echo(f"serving on http://{host}:{port} (Ctrl-C stops)", err=True)
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage analytics from here
     os.chdir(REPO_ROOT)
@@ -474,6 +497,38 @@ def reports(
     )
 
 
+db = typer.Typer(help="driftloop's own tables: schema migrations (docs/migrations.md).")
+app.add_typer(db, name="db")
+
+
+@db.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="The revision to reach.")] = "head",
+    as_json: JsonFlag = None,
+) -> None:
+    """Migrate DATABASE_URL's tables to a revision (every process also does this on start)."""
+    from sqlalchemy.engine import make_url
+
+    from ml.db import current_revision, migrate, normalise_url
+    from ml.settings import get_settings
+
+    url = get_settings().database_url
+    before = current_revision(url)
+    migrate(url, revision)
+    shown = make_url(normalise_url(url)).render_as_string(hide_password=True)
+    _emit({"database": shown, "from": before, "to": current_revision(url)}, as_json)
+
+
+@db.command("current")
+def db_current(as_json: JsonFlag = None) -> None:
+    """The schema revision of DATABASE_URL's tables, and the newest this driftloop knows."""
+    from ml.db import current_revision, head_revision
+    from ml.settings import get_settings
+
+    url = get_settings().database_url
+    _emit({"current": current_revision(url), "head": head_revision()}, as_json)
+
+
 # --- DVC stages: the same library functions, file in and file out -----------------------------
 
 stage = typer.Typer(help="Pipeline stages for dvc.yaml (file in, file out).", no_args_is_help=True)
@@ -506,7 +561,10 @@ def stage_validate(
     from ml.settings import get_settings
     from ml.training.validation import validate_file
 
-    result = validate_file(batch, load_params().validation, get_settings().data_docs_dir)
+    params = load_params()
+    result = validate_file(
+        batch, params.validation, get_settings().data_docs_dir, labels=params.task.labels
+    )
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps(result.to_dict(), indent=2, default=str))
     if not result.success:
@@ -523,16 +581,20 @@ def stage_train(
     ),
 ) -> None:
     """Fine-tune on the batch and save the model to a folder DVC tracks; print it (JSON)."""
+    from ml.modeling import base_model_path
     from ml.params import load_params
     from ml.settings import get_settings
     from ml.training.data import read_table
     from ml.training.train import train_model
 
     params = load_params()
+    base = base_model_path(get_settings().base_model or params.task.base_model)
     result = train_model(
         read_table(batch),
         params.train,
         out,
+        labels=params.task.labels,
+        base_model=base,
         device_setting=get_settings().device,
         log_to_mlflow=False,
     )
@@ -558,7 +620,7 @@ def stage_evaluate(
     result = evaluate_dir(model)
     metrics.parent.mkdir(parents=True, exist_ok=True)
     metrics.write_text(json.dumps({k: round(v, 4) for k, v in result.metrics.items()}, indent=2))
-    confusion_png(result.confusion, plot)
+    confusion_png(result.confusion, result.labels, plot)
     _emit(result.metrics, as_json=True)
 
 

@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ml.params import load_params
 from ml.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -87,11 +88,13 @@ def emit(kind: str, data: dict[str, Any], settings: Settings | None = None) -> s
     settings = settings or get_settings()
     if not settings.webhook_url:
         return None
+    params = load_params()
     event = {
         "id": uuid.uuid4().hex,
         "type": kind,
         "at": datetime.now(tz=UTC).isoformat(timespec="milliseconds"),
-        "model_name": settings.model_name,
+        "task": params.task.name,
+        "model_name": params.task.registered_name,
         "data": data,
     }
     try:

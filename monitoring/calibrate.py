@@ -184,16 +184,20 @@ def _featured_pools(
     """Reference and the three populations, with features from MiniLM (or ``model_dir``)."""
     import pandas as pd
 
-    from ml.drift.features import SCORE_COLUMNS, compute_features, encode
+    from ml.drift.features import compute_features, encode, score_columns
     from ml.modeling import base_model_path, load_model, load_tokenizer
-    from ml.params import LABELS, load_params
+    from ml.params import load_params
     from ml.settings import REPO_ROOT
-    from ml.training.data import read_table
+    from ml.training.data import read_task_table
 
-    data = load_params().data
-    tweets = read_table(REPO_ROOT / data.tweets)
-    old = tweets[tweets["source"].isin(data.train_sources)].sample(frac=1.0, random_state=seed)
-    new = tweets[tweets["source"].isin(data.drift_sources)].sample(frac=1.0, random_state=seed)
+    task = load_params()
+    data, labels = task.data, task.task.labels
+    if not data.time_column:
+        raise SystemExit(f"task {task.task.name} has no time column to calibrate drift on")
+    tweets = read_task_table(REPO_ROOT / data.train, data)
+    time = tweets[data.time_column]
+    old = tweets[time.isin(data.train_sources)].sample(frac=1.0, random_state=seed)
+    new = tweets[time.isin(data.drift_sources)].sample(frac=1.0, random_state=seed)
     n_ref, n_held = params.reference_size, max(rows * 4, min(windows * rows, 6000))
     frames = {
         "reference": old.iloc[:n_ref],
@@ -214,15 +218,16 @@ def _featured_pools(
         fit = old.iloc[n_ref + n_held : n_ref + n_held + 2500]  # the proxy champion's data
         emb, _ = encode(model, tok, fit["text"].tolist(), max_length=params.max_length)
         head = LogisticRegression(max_iter=2000).fit(emb, fit["label"])
-        order = [list(head.classes_).index(label) for label in LABELS]
+        order = [list(head.classes_).index(label) for label in labels]
         for df in frames.values():
             emb, _ = encode(model, tok, df["text"].tolist(), max_length=params.max_length)
             probs = head.predict_proba(emb)[:, order]
-            for j, col in enumerate(SCORE_COLUMNS):
+            for j, col in enumerate(score_columns(labels)):
                 df[col] = probs[:, j]
-            df["label"] = [LABELS[k] for k in probs.argmax(axis=1)]
+            df["label"] = [labels[k] for k in probs.argmax(axis=1)]
     featured = {
-        k: compute_features(v, model, tok, max_length=params.max_length) for k, v in frames.items()
+        k: compute_features(v, model, tok, labels=labels, max_length=params.max_length)
+        for k, v in frames.items()
     }
     reference = featured.pop("reference")
     return reference, featured

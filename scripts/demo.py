@@ -153,15 +153,15 @@ def replay(table: Path, url: str, share: float, seed: int) -> dict[str, Any]:
 def traffic_tables(work: Path, sizes: dict[str, int], first_batch: Path, seed: int) -> dict:
     """Same-period held-out tweets, 2016 tweets for drift and canaries, a shuffled batch."""
     from ml.params import load_params
-    from ml.training.data import read_table
+    from ml.training.data import read_table, read_task_table
 
     params = load_params()
-    tweets = read_table(REPO / params.data.tweets)
+    data = params.data
+    tweets = read_task_table(REPO / data.train, data)
     used = set(read_table(first_batch)["text"])
-    old = tweets[tweets["source"].isin(params.data.train_sources) & ~tweets["text"].isin(used)]
-    new = tweets[tweets["source"].isin(params.data.drift_sources)].sample(
-        frac=1.0, random_state=seed
-    )
+    time = tweets[str(data.time_column)]
+    old = tweets[time.isin(data.train_sources) & ~tweets["text"].isin(used)]
+    new = tweets[time.isin(data.drift_sources)].sample(frac=1.0, random_state=seed)
     out: dict[str, Path] = {}
     cut = 0
     for name in ("drift", "canary", "damaged_canary"):

@@ -22,10 +22,9 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from bentos.sentiment.boundary import hoist_boundary, printable, send_json
-from ml.params import LABELS
 from ml.serving.provenance import ADMIN, FEEDBACK, PREDICT, address_id, key_id
 from ml.serving.ratelimit import RateLimiter, make_rate_limiter
-from ml.serving.schemas import FeedbackRequest, predict_request
+from ml.serving.schemas import TaskTypes, predict_request, task_types
 from ml.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,14 @@ _CHARSET_UTF8 = re.compile(r'\s*charset\s*=\s*"?utf-8"?\s*', re.IGNORECASE)
 _MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,64}/[A-Za-z0-9!#$&^_.+-]{1,64}")
 
 PREDICT_EXAMPLE = '{"texts": ["some text", ...]}'
-FEEDBACK_EXAMPLE = '{"request_id": "...", "label": "' + "|".join(LABELS) + '"}'
+
+
+def served_types() -> TaskTypes:
+    """The request and answer types of the task this service serves (the current task)."""
+    from ml.params import load_params
+
+    task = load_params().task
+    return task_types(task.name, task.labels)
 
 
 @dataclass(frozen=True)
@@ -104,21 +110,24 @@ def validate_predict(obj: Any, limits: Limits) -> list[str]:
     return list(body.texts)  # type: ignore[attr-defined]
 
 
-def validate_feedback(obj: Any) -> tuple[str, str]:
-    """Check a ``/feedback`` body; return ``(request_id, label)`` or raise :class:`ClientError`."""
-    body = _validate(FeedbackRequest, obj, FEEDBACK_EXAMPLE)
-    assert isinstance(body, FeedbackRequest)
+def validate_feedback(obj: Any, types: TaskTypes) -> tuple[str, str]:
+    """Check a ``/feedback`` body against a task's types; return ``(request_id, label)`` or raise
+    :class:`ClientError` (an unknown label: 422 naming the task's labels)."""
+    body = _validate(types.feedback_request, obj, types.feedback_example, types.labels)
+    assert isinstance(body, types.feedback_request)
     return body.request_id, str(body.label)
 
 
-def _validate(schema: type[BaseModel], obj: Any, example: str) -> BaseModel:
+def _validate(
+    schema: type[BaseModel], obj: Any, example: str, labels: tuple[str, ...] = ()
+) -> BaseModel:
     try:
         return schema.model_validate(obj)
     except ValidationError as exc:
-        raise _client_error(exc.errors(), example) from None
+        raise _client_error(exc.errors(), example, labels) from None
 
 
-def _client_error(errors: list[Any], example: str) -> ClientError:
+def _client_error(errors: list[Any], example: str, labels: tuple[str, ...] = ()) -> ClientError:
     """The first problem of a body, worded for the client: its shape, then field by field."""
     if any(e["loc"] == () for e in errors):
         obj = next(e["input"] for e in errors if e["loc"] == ())
@@ -137,10 +146,10 @@ def _client_error(errors: list[Any], example: str) -> ClientError:
             f"unknown field(s) {', '.join(map(repr, unknown))}: send only {example}",
             "unknown_field",
         )
-    return _field_error(errors[0])
+    return _field_error(errors[0], labels)
 
 
-def _field_error(error: Any) -> ClientError:
+def _field_error(error: Any, labels: tuple[str, ...] = ()) -> ClientError:
     kind, loc, value = error["type"], error["loc"], error.get("input")
     ctx = error.get("ctx") or {}
     if kind == "nul_character":  # found by the model's validator, after every text's type
@@ -165,7 +174,7 @@ def _field_error(error: Any) -> ClientError:
         return ClientError(422, f"{where} must be a string, got {_type_name(value)}", "wrong_type")
     if kind == "literal_error":
         return ClientError(
-            422, f"unknown label {value!r}: expected one of {', '.join(LABELS)}", "unknown_label"
+            422, f"unknown label {value!r}: expected one of {', '.join(labels)}", "unknown_label"
         )
     if loc[0] == "request_id" and kind == "string_pattern_mismatch":
         return ClientError(
@@ -270,9 +279,11 @@ class RequestGuard:
         app: Any,
         settings: Settings | None = None,
         on_reject: Callable[[str, int, str], None] | None = None,
+        types: TaskTypes | None = None,
     ) -> None:
         self.app = app
         self.settings = settings or get_settings()
+        self.types = types or served_types()
         self.keys = self.settings.api_key_roles
         self.limits = Limits.from_settings(self.settings)
         self.on_reject = on_reject
@@ -320,7 +331,7 @@ class RequestGuard:
                 if endpoint == "predict":
                     validate_predict(obj, self.limits)
                 else:
-                    validate_feedback(obj)
+                    validate_feedback(obj, self.types)
         except ClientError as exc:
             if self.on_reject is not None:
                 try:

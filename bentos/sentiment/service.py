@@ -20,16 +20,9 @@ import bentoml
 from fastapi import FastAPI
 from starlette.responses import JSONResponse
 
-from bentos.sentiment.guard import RequestGuard, source_of
+from bentos.sentiment.guard import RequestGuard, served_types, source_of
 from bentos.sentiment.metrics import service_metrics
-from ml.serving.schemas import (
-    FeedbackRequest,
-    FeedbackResponse,
-    Label,
-    Prediction,
-    PredictResponse,
-    predict_request,
-)
+from ml.serving.schemas import predict_request
 from ml.serving.worker import ModelUnavailable, Overloaded
 from ml.settings import get_settings
 
@@ -53,10 +46,17 @@ OFFLINE_ENV = {
 
 admin_app = FastAPI(title="driftloop admin", docs_url=None, redoc_url=None, openapi_url=None)
 
-# The request types carry this deployment's limits, so BentoML's OpenAPI document states them.
+# The request types carry this deployment's limits and the served task's labels, so BentoML's
+# OpenAPI document states them.
 PredictRequest = predict_request(
     get_settings().max_texts_per_request, get_settings().max_chars_per_text
 )
+TYPES = served_types()
+FeedbackRequest = TYPES.feedback_request
+FeedbackResponse = TYPES.feedback_response
+Label = TYPES.label
+Prediction = TYPES.prediction
+PredictResponse = TYPES.predict_response
 
 
 # The hot paths, left out of BentoML's access log and OpenTelemetry spans unless serve.access_log
@@ -136,6 +136,8 @@ class SentimentService:
         settings = get_settings()
         params = load_params()
         serve = params.serve
+        self.task = params.task
+        self.labels = params.task.labels
         self.settings = settings
         self.serve = serve
         self.metrics = service_metrics()
@@ -152,6 +154,8 @@ class SentimentService:
         # thread count and caches the choice beside the version; the processes that serve read
         # it back (docs/serving.md, loading and precision).
         load_options: dict[str, Any] = {
+            "labels": params.task.labels,
+            "val_path": str(settings.params_path.parent / params.data.val),
             "device_setting": settings.device,
             "gpu": gpu,
             "max_length": params.evaluate.max_length,
@@ -204,6 +208,7 @@ class SentimentService:
             self.shadow = ShadowScorer(
                 submit=shadow_process.submit,
                 log_records=lambda records: self.predlog.log_shadow(records),
+                labels=params.task.labels,
                 share=params.rollout.shadow_share,
                 queue_texts=params.rollout.shadow_queue_texts,
                 is_loaded=self.shadow_models.is_loaded,
@@ -212,7 +217,7 @@ class SentimentService:
             ).start()
         vetter = self.vetter
         self.pool = ModelPool(
-            resolve=registry_resolver(settings.model_name),
+            resolve=registry_resolver(params.task.registered_name),
             load=registry_loader(
                 load_dir, vet=lambda path, info: vetter.vet(path, info, **load_options)
             ),
@@ -255,7 +260,7 @@ class SentimentService:
         threading.Thread(target=self._sample_state, name="driftloop-state", daemon=True).start()
         log.info(
             "serving %s: champion v%s, challenger %s (share %.2f); registry checked every %.0f s",
-            settings.model_name,
+            params.task.registered_name,
             result.champion,
             f"v{result.challenger}" if result.challenger else "none",
             result.canary_share,
@@ -326,7 +331,6 @@ class SentimentService:
     @bentoml.api(route="/predict", input_spec=PredictRequest)
     async def predict(self, texts: list[str], ctx: bentoml.Context) -> PredictResponse:
         """Classify tweets; each prediction carries a request id for ``/feedback``."""
-        from ml.params import LABELS
         from ml.serving.records import PredictionRecord, new_request_id
 
         started = time.perf_counter()
@@ -390,14 +394,15 @@ class SentimentService:
         missing_set = set(missing)
         predictions: list[Prediction] = []
         records: list[PredictionRecord] = []
+        labels = self.labels
         for i, (text, row) in enumerate(zip(texts, scores, strict=True)):
-            best = max(range(len(LABELS)), key=row.__getitem__)
-            label = LABELS[best]
+            best = max(range(len(labels)), key=row.__getitem__)
+            label = labels[best]
             rid = new_request_id()
             predictions.append(
                 Prediction(
                     label=label,
-                    scores={name: round(float(p), 6) for name, p in zip(LABELS, row, strict=True)},
+                    scores={name: round(float(p), 6) for name, p in zip(labels, row, strict=True)},
                     request_id=rid,
                     model_version=model.version,
                 )
@@ -410,7 +415,7 @@ class SentimentService:
                     model_version=model.version,
                     text=text,
                     label=label,
-                    scores=tuple(row),
+                    scores=dict(zip(labels, row, strict=True)),
                     latency_ms=latency_ms,
                     cached=i not in missing_set,
                 )

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ml.drift.features import DESCRIPTORS, embedding_columns
 from ml.drift.result import DriftError, DriftSignal
-from ml.params import LABELS, DriftParams
+from ml.params import DriftParams
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -138,8 +138,9 @@ def compare(
             "drifted": score >= threshold,
         }
         if col == "label":
-            entry["reference_shares"] = _shares(reference["label"])
-            entry["current_shares"] = _shares(current["label"])
+            seen = sorted({*reference["label"].astype(str), *current["label"].astype(str)})
+            entry["reference_shares"] = _shares(reference["label"], seen)
+            entry["current_shares"] = _shares(current["label"], seen)
         else:
             ref_col = ref_pcs[col] if col in pcs else reference[col]
             cur_col = cur_pcs[col] if col in pcs else current[col]
@@ -168,9 +169,9 @@ def compare(
     return Comparison(signals=signals, columns=columns, snapshot=snapshot)
 
 
-def _shares(labels: pd.Series) -> dict[str, float]:
+def _shares(labels: pd.Series, seen: list[str]) -> dict[str, float]:
     counts = labels.astype(str).value_counts(normalize=True)
-    return {label: float(counts.get(label, 0.0)) for label in LABELS}
+    return {label: float(counts.get(label, 0.0)) for label in seen}
 
 
 def _snapshot_values(snapshot: Snapshot) -> dict[tuple[Any, ...], Any]:

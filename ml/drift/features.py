@@ -7,9 +7,8 @@ mean-pooled embedding and its class scores; see ``docs/drift.md`` for what each 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
-
-from ml.params import LABELS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -30,7 +29,14 @@ DESCRIPTORS: tuple[str, ...] = (
     "non_ascii_share",
     "digit_share",
 )
-SCORE_COLUMNS: tuple[str, ...] = tuple(f"score_{label}" for label in LABELS)
+SCORE_PREFIX = "score_"
+
+
+def score_columns(labels: Sequence[str]) -> list[str]:
+    """The columns that hold each label's score, in the labels' order."""
+    return [f"{SCORE_PREFIX}{label}" for label in labels]
+
+
 EMBEDDING_PREFIX = "emb_"
 
 _HASHTAG = re.compile(r"#\w+")
@@ -125,14 +131,16 @@ def compute_features(
     model: Any,
     tokenizer: Any,
     *,
+    labels: Sequence[str],
     batch_size: int = 64,
     max_length: int = 64,
 ) -> pd.DataFrame:
     """``df`` plus descriptors, embeddings (``emb_*``) and prediction columns.
 
-    Rows that already carry scores (the prediction log) keep them: that is what production
-    answered. Otherwise ``model`` must be a classifier and its scores are added (the reference).
-    ``label`` is the predicted label and ``confidence`` the highest score.
+    Rows that already carry scores for every one of the task's ``labels`` (the prediction log)
+    keep them: that is what production answered. Otherwise ``model`` must be a classifier for
+    those labels and its scores are added (the reference). ``label`` is the predicted label and
+    ``confidence`` the highest score.
     """
     import numpy as np
     import pandas as pd
@@ -141,22 +149,25 @@ def compute_features(
     texts = base["text"].astype(str).tolist()
     emb, probs = encode(model, tokenizer, texts, batch_size=batch_size, max_length=max_length)
     out = base.copy()
-    if not set(SCORE_COLUMNS) <= set(out.columns):
+    columns = score_columns(labels)
+    if not set(columns) <= set(out.columns):
         if probs is None and texts:
             raise ValueError(
                 "rows have no score_* columns and the model has no classification head; pass "
                 "the champion classifier, or rows from the prediction log"
             )
-        probs = probs if probs is not None else np.zeros((0, len(LABELS)), dtype=np.float32)
-        if probs.shape[1] != len(LABELS):
-            raise ValueError(f"the model predicts {probs.shape[1]} classes, expected {LABELS}")
-        for j, col in enumerate(SCORE_COLUMNS):
+        probs = probs if probs is not None else np.zeros((0, len(labels)), dtype=np.float32)
+        if probs.shape[1] != len(labels):
+            raise ValueError(
+                f"the model predicts {probs.shape[1]} classes, the task has {list(labels)}"
+            )
+        for j, col in enumerate(columns):
             out[col] = probs[:, j].astype(float)
-        out["label"] = [LABELS[k] for k in probs.argmax(axis=1)]
-    scores = out[list(SCORE_COLUMNS)].to_numpy(dtype=float)
+        out["label"] = [labels[k] for k in probs.argmax(axis=1)]
+    scores = out[columns].to_numpy(dtype=float)
     out["confidence"] = scores.max(axis=1)
     if "label" not in out.columns:
-        out["label"] = [LABELS[k] for k in scores.argmax(axis=1)]
+        out["label"] = [labels[k] for k in scores.argmax(axis=1)]
     desc = text_descriptors(texts, tokenizer)
     width = len(str(emb.shape[1] - 1))
     emb_cols = pd.DataFrame(

@@ -7,41 +7,20 @@ not raise an alarm; see ``docs/drift.md``.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from ml.drift.features import SCORE_COLUMNS
+from ml.drift.features import score_columns
 from ml.drift.result import DriftSignal
-from ml.params import LABELS, DriftParams
+from ml.metrics import label_codes as _codes
+from ml.metrics import macro_recall
+from ml.metrics import macro_recall_codes as _macro_recall_codes
+from ml.params import DriftParams
 
 if TYPE_CHECKING:
-    import numpy as np
     import pandas as pd
     from evidently.core.report import Snapshot
-
-
-def macro_recall(y_true: Any, y_pred: Any) -> float:
-    """Recall averaged over the classes present in ``y_true`` (absent classes are undefined)."""
-
-    t, p = _codes(y_true), _codes(y_pred)
-    return _macro_recall_codes(t, p) if len(t) else float("nan")
-
-
-def _codes(labels: Any) -> np.ndarray:
-    import numpy as np
-
-    index = {label: i for i, label in enumerate(LABELS)}
-    return np.fromiter((index.get(str(v), -1) for v in labels), dtype=np.int64)
-
-
-def _macro_recall_codes(t: np.ndarray, p: np.ndarray) -> float:
-    import numpy as np
-
-    k = len(LABELS)
-    support = np.bincount(t, minlength=k)
-    hits = np.bincount(t[t == p], minlength=k)
-    present = support > 0
-    return float((hits[present] / support[present]).mean())
 
 
 def quality_signal(
@@ -71,7 +50,7 @@ def quality_signal(
         return DriftSignal("quality", None, params.quality_drop, False, detail, "quality"), None
     y_true = labelled["true_label"].astype(str).to_numpy()
     y_pred = labelled["label"].astype(str).to_numpy()
-    t, p = _codes(y_true), _codes(y_pred)
+    t, p = _codes(y_true, y_pred)
     current = _macro_recall_codes(t, p)
     rng = np.random.default_rng(params.seed)
     boots = []
@@ -89,7 +68,7 @@ def quality_signal(
         "confidence": params.quality_confidence,
         "accuracy": float((y_true == y_pred).mean()),
         "recall_by_label": {
-            c: float((y_pred[y_true == c] == c).mean()) for c in LABELS if (y_true == c).any()
+            c: float((y_pred[y_true == c] == c).mean()) for c in sorted(set(y_true.tolist()))
         },
         "reference_macro_recall": float(reference_macro_recall),
         "reference_source": reference_source,
@@ -102,6 +81,7 @@ def quality_report(
     labelled: pd.DataFrame,
     reference: pd.DataFrame,
     *,
+    labels: Sequence[str],
     timestamp: datetime | None = None,
     metadata: dict[str, str] | None = None,
 ) -> Snapshot:
@@ -111,28 +91,37 @@ def quality_report(
     are the same classifier on labelled data: the window's feedback and training-period rows.
     """
     import pandas as pd
-    from evidently import DataDefinition, Dataset, MulticlassClassification, Report
+    from evidently import (
+        BinaryClassification,
+        DataDefinition,
+        Dataset,
+        MulticlassClassification,
+        Report,
+    )
     from evidently.metrics import Accuracy, F1Score, Recall
 
-    # Probabilities in columns named after the labels: Evidently then treats the task as
-    # three-class even when a window's feedback holds only two of the classes.
-    definition = DataDefinition(
-        categorical_columns=["true_label"],
-        classification=[
-            MulticlassClassification(target="true_label", prediction_probas=list(LABELS))
-        ],
+    # Probabilities in columns named after the labels: Evidently then knows every class of the
+    # task even when a window's feedback holds only some of them.
+    # A two-label task is binary to Evidently, which then needs the positive label's
+    # probability and its name: the second label's, by the order of the model's outputs.
+    labels = list(labels)
+    task: Any = (
+        BinaryClassification(target="true_label", prediction_probas=labels[1], pos_label=labels[1])
+        if len(labels) == 2
+        else MulticlassClassification(target="true_label", prediction_probas=labels)
     )
+    definition = DataDefinition(categorical_columns=["true_label"], classification=[task])
 
     def dataset(df: pd.DataFrame) -> Dataset:
-        rows = df[df["true_label"].isin(LABELS)]
+        rows = df[df["true_label"].isin(labels)]
         frame = pd.DataFrame({"true_label": rows["true_label"].astype(str).to_numpy()})
-        probs = rows[list(SCORE_COLUMNS)].to_numpy(dtype=float)
+        probs = rows[score_columns(labels)].to_numpy(dtype=float)
         probs = probs / probs.sum(axis=1, keepdims=True).clip(min=1e-12)  # float32 sums drift
-        for j, label in enumerate(LABELS):
+        for j, label in enumerate(labels):
             frame[label] = probs[:, j]
         return Dataset.from_pandas(frame, data_definition=definition)
 
-    has_truth = "true_label" in reference.columns and reference["true_label"].isin(LABELS).any()
+    has_truth = "true_label" in reference.columns and reference["true_label"].isin(labels).any()
     report = Report(
         [Recall(), Accuracy(), F1Score()],
         metadata=dict(metadata or {}),
@@ -147,7 +136,7 @@ def quality_report(
 
 
 def reference_recall(
-    version: str | None, reference: pd.DataFrame, given: float | None
+    version: str | None, reference: pd.DataFrame, given: float | None, labels: Sequence[str]
 ) -> tuple[float | None, str]:
     """The macro-recall the window is held to: given, else the version's, else the reference's."""
     if given is not None:
@@ -158,7 +147,7 @@ def reference_recall(
         metric = registry.get_version(str(version)).metrics.get("val_macro_recall")
         if metric is not None:
             return float(metric), f"v{version} val_macro_recall"
-    if "true_label" in reference.columns and reference["true_label"].isin(LABELS).any():
-        rows = reference[reference["true_label"].isin(LABELS)]
+    if "true_label" in reference.columns and reference["true_label"].isin(labels).any():
+        rows = reference[reference["true_label"].isin(labels)]
         return macro_recall(rows["true_label"], rows["label"]), "reference sample"
     return None, ""

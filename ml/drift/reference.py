@@ -51,7 +51,7 @@ def reference_rows(
     import pandas as pd
 
     from ml.settings import REPO_ROOT, get_settings
-    from ml.training.data import file_md5, read_table
+    from ml.training.data import file_md5, read_table, read_task_table
 
     params = params or load_params()
     dparams = DriftParams.from_params(params)
@@ -64,7 +64,7 @@ def reference_rows(
         return path if path.is_absolute() else REPO_ROOT / path
 
     tagged = run_tags.get(REFERENCE_TAG)
-    windows = _training_windows(run_tags) if dparams.reference_from_windows else []
+    windows = _training_windows(run_tags, params) if dparams.reference_from_windows else []
     if tagged:
         table = read_table(repo_path(tagged))
         origin = f"{tagged} (tag {REFERENCE_TAG})"
@@ -72,13 +72,15 @@ def reference_rows(
         table = pd.concat([read_table(p) for p in windows], ignore_index=True)
         origin = "labelled production windows " + ", ".join(p.name for p in windows)
     else:
-        tweets = read_table(repo_path(params.data.tweets))
-        table = tweets
-        if params.data.train_sources and "source" in tweets.columns:
-            table = tweets[tweets["source"].isin(params.data.train_sources)]
-        origin = f"{params.data.tweets} sources {params.data.train_sources}"
-        batch = get_settings().work_dir / "train_batch.tsv"
-        md5 = run_tags.get(f"{DATA_TAG_PREFIX}train_batch.tsv")
+        data = params.data
+        table = read_task_table(repo_path(data.train), data)
+        if data.train_sources and data.time_column:
+            table = table[table[data.time_column].isin(data.train_sources)]
+            origin = f"{data.train} sources {data.train_sources}"
+        else:
+            origin = data.train
+        batch = get_settings().work_dir / f"train_batch_{params.task.name}.tsv"
+        md5 = run_tags.get(f"{DATA_TAG_PREFIX}{batch.name}")
         if md5 and batch.is_file() and file_md5(batch) == md5:
             unseen = table[~table["text"].isin(set(read_table(batch)["text"]))]
             if len(unseen) >= dparams.reference_size:
@@ -94,13 +96,14 @@ def reference_rows(
     return out
 
 
-def _training_windows(run_tags: dict[str, str]) -> list[Path]:
+def _training_windows(run_tags: dict[str, str], params: Params) -> list[Path]:
     """Labelled production windows named in a training run's data tags that exist here."""
-    from ml.settings import REPO_ROOT
+    from ml.lifecycle.feedback import task_feedback_dir
 
     windows = f"{DATA_TAG_PREFIX}window-"
     names = [k.removeprefix(DATA_TAG_PREFIX) for k in run_tags if k.startswith(windows)]
-    found = [REPO_ROOT / "data" / "feedback" / name for name in sorted(names, reverse=True)]
+    folder = task_feedback_dir(params)
+    found = [folder / name for name in sorted(names, reverse=True)]
     return [p for p in found if p.is_file()]
 
 
@@ -117,14 +120,15 @@ def _run_tags(version: str) -> dict[str, str]:
         return {}
 
 
-def _reference_cache_path(version: str, params: DriftParams, rows: pd.DataFrame) -> Path:
+def _reference_cache_path(task: str, version: str, params: DriftParams, rows: pd.DataFrame) -> Path:
     from ml.settings import get_settings
 
     digest = hashlib.md5(usedforsecurity=False)
     digest.update(json.dumps([params.reference_size, params.max_length, params.seed]).encode())
     for text in rows["text"]:
         digest.update(text.encode("utf-8", "surrogatepass"))
-    return get_settings().reports_dir / f"reference-v{version}-{digest.hexdigest()[:10]}.parquet"
+    name = f"reference-{task}-v{version}-{digest.hexdigest()[:10]}.parquet"
+    return get_settings().reports_dir / name
 
 
 def build_reference(
@@ -146,7 +150,7 @@ def build_reference(
     params = params or load_params()
     dparams = DriftParams.from_params(params)
     rows = rows if rows is not None else reference_rows(version, params)
-    path = _reference_cache_path(str(version), dparams, rows)
+    path = _reference_cache_path(params.task.name, str(version), dparams, rows)
     sidecar = path.with_suffix(".json")
     if use_cache and path.is_file():
         log.info("reference for v%s from cache %s", version, path)
@@ -157,7 +161,12 @@ def build_reference(
     if model is None:
         model, tokenizer = load_version(version)
     feats = compute_features(
-        rows, model, tokenizer, batch_size=dparams.batch_size, max_length=dparams.max_length
+        rows,
+        model,
+        tokenizer,
+        labels=params.task.labels,
+        batch_size=dparams.batch_size,
+        max_length=dparams.max_length,
     )
     feats.attrs["origin"] = rows.attrs.get("origin", "given rows")
     if use_cache:

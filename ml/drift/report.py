@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,25 +69,28 @@ def run_drift(
     params = params or load_params()
     dp = DriftParams.from_params(params)
     now = datetime.now(tz=UTC)
-    window = read_window(since, until, current, model_version, dp)
+    labels = params.task.labels
+    window = read_window(since, until, current, model_version, dp, labels=labels)
     if len(window.rows) < dp.min_rows:
         return _not_judged(window, dp, now)
     model, tokenizer, version = _judging_model(window, reference, model, tokenizer)
     window = replace(window, version=version)
     reference = _featured_reference(reference, version, model, tokenizer, params, dp)
-    window = featured_sample(window, model, tokenizer, dp)
+    window = featured_sample(window, model, tokenizer, dp, labels=labels)
 
     metadata = window.metadata()
     comparison = compare(
         window.sample, reference, dp, timestamp=window.end or now, metadata=metadata
     )
-    ref_recall, ref_source = reference_recall(version, reference, reference_macro_recall)
+    ref_recall, ref_source = reference_recall(version, reference, reference_macro_recall, labels)
     q_signal, quality = quality_signal(window.labelled, ref_recall, dp, reference_source=ref_source)
     signals = [*comparison.signals, q_signal]
     data_drift, quality_drop, outcome, reason = decide(signals)
 
-    report_dir = _report_dir(now)
-    q_snapshot = _save_snapshots(report_dir, comparison, window, reference, quality, now)
+    report_dir = _report_dir(now, params.task.name)
+    q_snapshot = _save_snapshots(
+        report_dir, comparison, window, reference, quality, now, labels=labels
+    )
     found = _result(
         window,
         dp,
@@ -105,7 +109,7 @@ def run_drift(
         reference_origin=str(reference.attrs.get("origin", "given")),
     )
     _write_result(found)
-    _write_review(found, reference, window.sample, report_dir)
+    _write_review(found, reference, window.sample, report_dir, labels)
     found = _publish(found, comparison.snapshot, q_snapshot, dp, log_to_mlflow, add_to_workspace)
     log.info("drift report %s: %s (%s)", report_dir, outcome, reason)
     return found
@@ -146,7 +150,12 @@ def _featured_reference(
         return build_reference(version, model=model, tokenizer=tokenizer, params=params)
     if not has_features(reference):
         return compute_features(
-            reference, model, tokenizer, batch_size=dp.batch_size, max_length=dp.max_length
+            reference,
+            model,
+            tokenizer,
+            labels=params.task.labels,
+            batch_size=dp.batch_size,
+            max_length=dp.max_length,
         )
     return reference
 
@@ -191,10 +200,15 @@ def _stamp(now: datetime) -> str:
     return now.strftime("%Y%m%dT%H%M%SZ")
 
 
-def _report_dir(now: datetime) -> Path:
+def reports_root(task: str) -> Path:
+    """Where a task's drift reports are saved (one folder per report)."""
     from ml.settings import get_settings
 
-    root = get_settings().reports_dir
+    return get_settings().reports_dir / task
+
+
+def _report_dir(now: datetime, task: str) -> Path:
+    root = reports_root(task)
     base = root / _stamp(now)
     path, i = base, 1
     while path.exists():
@@ -211,6 +225,8 @@ def _save_snapshots(
     reference: pd.DataFrame,
     quality: dict[str, Any] | None,
     now: datetime,
+    *,
+    labels: Sequence[str],
 ) -> Snapshot | None:
     """Write ``report.*`` and, with enough feedback, ``quality.*``; return the quality snapshot.
 
@@ -221,7 +237,11 @@ def _save_snapshots(
     if quality is None:
         return None
     q_snapshot = quality_report(
-        window.labelled, reference, timestamp=window.end or now, metadata=window.metadata()
+        window.labelled,
+        reference,
+        labels=labels,
+        timestamp=window.end or now,
+        metadata=window.metadata(),
     )
     q_snapshot.save_html(str(report_dir / "quality.html"))
     q_snapshot.save_json(str(report_dir / "quality.json"))
@@ -230,18 +250,21 @@ def _save_snapshots(
 
 
 def _write_review(
-    found: DriftResult, reference: pd.DataFrame, sample: pd.DataFrame, report_dir: Path
+    found: DriftResult,
+    reference: pd.DataFrame,
+    sample: pd.DataFrame,
+    report_dir: Path,
+    labels: Sequence[str],
 ) -> None:
     """``review.html`` for people (ml.drift.review); a failure there never loses the verdict."""
     from ml.drift.review import review_data, write_review
-    from ml.params import LABELS
 
     links = {"Evidently drift report": "report.html"}
     if (report_dir / "quality.html").exists():
         links["Evidently quality report"] = "quality.html"
     try:
         write_review(
-            report_dir, review_data(found.to_dict(), reference, sample, list(LABELS), links=links)
+            report_dir, review_data(found.to_dict(), reference, sample, list(labels), links=links)
         )
     except Exception:  # noqa: BLE001 - the report and result.json are already written
         log.exception("could not write the review page in %s", report_dir)
@@ -335,11 +358,10 @@ def _log_to_mlflow(result: DriftResult, report_dir: Path) -> str:
     return str(run.info.run_id)
 
 
-def list_reports(limit: int | None = None) -> list[DriftResult]:
-    """Saved drift results, newest first (read from ``reports/*/result.json``)."""
-    from ml.settings import get_settings
-
-    root = get_settings().reports_dir
+def list_reports(limit: int | None = None, task: str | None = None) -> list[DriftResult]:
+    """A task's saved drift results, newest first (``reports/<task>/*/result.json``; default
+    task: the current one)."""
+    root = reports_root(task or load_params().task.name)
     if not root.is_dir():
         return []
     found = sorted(root.glob("*/result.json"), key=lambda p: p.parent.name, reverse=True)

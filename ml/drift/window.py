@@ -6,6 +6,7 @@ A window is ``[since, until)`` of the prediction log in UTC, or rows given by th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ml.drift.features import compute_features, has_features
 from ml.drift.reference import champion_version
 from ml.label_policy import counted_mask
-from ml.params import LABELS, DriftParams, load_params
+from ml.params import DriftParams, load_params
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -56,10 +57,12 @@ def load_window(
 ) -> pd.DataFrame:
     """Logged predictions with ``since <= at < until``, joined with their feedback.
 
-    Columns: those of the ``predictions`` table (``label`` is the *predicted* label) plus
-    ``true_label`` and ``feedback_at`` (None where no feedback came). ``model_version`` keeps
-    only the rows that version answered (the canary's rows are judged separately). Default
-    window: the last ``drift.window_hours``.
+    Columns: those of the ``predictions`` table (``label`` is the *predicted* label), its
+    ``scores`` spread into one ``score_<label>`` column per label seen (in the order first seen)
+    and ``confidence`` left out (the features recompute it), plus ``true_label`` and
+    ``feedback_at`` (None where no feedback came). ``model_version`` keeps only the rows that
+    version answered (the canary's rows are judged separately). Default window: the last
+    ``drift.window_hours``.
     """
     import pandas as pd
     import sqlalchemy as sa
@@ -81,13 +84,30 @@ def load_window(
         .where(predictions.c.at >= start, predictions.c.at < end)
         .order_by(predictions.c.at, predictions.c.request_id)
     )
+    # Versions are numbered per registered model: the task's model name tells two "v1" apart.
+    query = query.where(predictions.c.model_name == load_params().task.registered_name)
     if model_version is not None:
         query = query.where(predictions.c.model_version == str(model_version))
     engine = get_engine(database_url or get_settings().database_url)
     with engine.connect() as conn:
         rows = conn.execute(query).mappings().all()
-    columns = [c.name for c in predictions.columns] + ["true_label", "feedback_at"]
-    df = pd.DataFrame([dict(r) for r in rows], columns=[*columns, "feedback_source"])
+    labels: dict[str, None] = {}  # every label any row scored, in the order first seen
+    records = []
+    for r in rows:
+        record = dict(r)
+        scores = record.pop("scores") or {}
+        for label, score in scores.items():
+            labels.setdefault(label)
+            record[f"score_{label}"] = score
+        records.append(record)
+    columns: list[str] = []
+    for c in predictions.columns:
+        if c.name == "scores":
+            columns += [f"score_{label}" for label in labels]
+        elif c.name != "confidence":
+            columns.append(c.name)
+    columns += ["true_label", "feedback_at"]
+    df = pd.DataFrame(records, columns=[*columns, "feedback_source"])
     for col in ("at", "feedback_at"):
         df[col] = pd.to_datetime(df[col], utc=True)
     # Only labels the source policy counts judge quality (ml.label_policy).
@@ -135,10 +155,13 @@ def read_window(
     current: pd.DataFrame | None,
     model_version: str | None,
     dp: DriftParams,
+    *,
+    labels: Sequence[str],
 ) -> Window:
     """The rows given (bounded by ``since``/``until`` or their own times), else the log's window.
 
-    Reading the log needs the judged version: ``model_version``, default the champion.
+    Reading the log needs the judged version: ``model_version``, default the champion. Rows
+    whose feedback label is one of the task's ``labels`` are the labelled ones.
     """
     version = str(model_version) if model_version is not None else None
     start: datetime | None
@@ -153,11 +176,13 @@ def read_window(
     current = current.reset_index(drop=True)
     if "true_label" not in current.columns:
         current["true_label"] = None
-    labelled = current[current["true_label"].isin(LABELS)]
+    labelled = current[current["true_label"].isin(labels)]
     return Window(current, labelled, current, start, end, version)
 
 
-def featured_sample(window: Window, model: Any, tokenizer: Any, dp: DriftParams) -> Window:
+def featured_sample(
+    window: Window, model: Any, tokenizer: Any, dp: DriftParams, *, labels: Sequence[str]
+) -> Window:
     """The window with its sample: at most ``max_rows`` rows, with features.
 
     Feedback rows that were not logged (rows given without a ``label``) are scored just now, so
@@ -168,9 +193,14 @@ def featured_sample(window: Window, model: Any, tokenizer: Any, dp: DriftParams)
         sample = sample.sample(n=dp.max_rows, random_state=dp.seed).reset_index(drop=True)
     if not has_features(sample):
         sample = compute_features(
-            sample, model, tokenizer, batch_size=dp.batch_size, max_length=dp.max_length
+            sample,
+            model,
+            tokenizer,
+            labels=labels,
+            batch_size=dp.batch_size,
+            max_length=dp.max_length,
         )
     labelled = window.labelled
     if len(labelled) and "label" not in labelled.columns:  # not logged: predicted just now
-        labelled = sample[sample["true_label"].isin(LABELS)]
+        labelled = sample[sample["true_label"].isin(labels)]
     return replace(window, sample=sample, labelled=labelled)

@@ -83,22 +83,22 @@ def version_stats(
     Labels count as ``policy`` (default ``labels:`` of params.yaml) allows, over all the
     versions' labels together: one decision, one tally per source.
     """
-    policy = policy or load_params().labels
+    params = load_params()
+    policy = policy or params.labels
+    model = params.task.registered_name  # versions are numbered per registered model
     engine = get_engine(get_settings().database_url)
     p, f = predictions, feedback
-    top = sa.func.greatest if engine.dialect.name == "postgresql" else sa.func.max
-    confidence = top(p.c.score_negative, p.c.score_neutral, p.c.score_positive)
     query = (
         sa.select(
             p.c.model_version,
             p.c.latency_ms,
-            confidence.label("confidence"),
+            p.c.confidence,
             p.c.label,
             f.c.label.label("truth"),
             f.c.source,
         )
         .select_from(p.outerjoin(f, f.c.request_id == p.c.request_id))
-        .where(p.c.at >= since, p.c.model_version.in_(versions))
+        .where(p.c.at >= since, p.c.model_name == model, p.c.model_version.in_(versions))
         .order_by(f.c.at, p.c.request_id)
     )
     with engine.connect() as conn:
@@ -205,12 +205,14 @@ def canary_labels(
     """
     from ml.lifecycle.sequential import unpaired_bounds, unpaired_diffs
 
-    policy = policy or load_params().labels
+    params = load_params()
+    policy = policy or params.labels
+    model = params.task.registered_name  # versions are numbered per registered model
     engine = get_engine(get_settings().database_url)
     p, f, s = predictions, feedback, shadow_predictions
     pair = [champion, challenger]
     base = p.outerjoin(s, s.c.request_id == p.c.request_id)
-    scope = sa.and_(p.c.at >= since, p.c.model_version.in_(pair))
+    scope = sa.and_(p.c.at >= since, p.c.model_name == model, p.c.model_version.in_(pair))
     labelled = (
         sa.select(
             p.c.model_version,

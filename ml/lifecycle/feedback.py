@@ -9,6 +9,7 @@ import hashlib
 import logging
 import operator
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +19,7 @@ import sqlalchemy as sa
 
 from ml.db import feedback, get_engine, predictions
 from ml.label_policy import counted_mask
-from ml.params import LABELS, LabelParams, Params, load_params
+from ml.params import LabelParams, Params, load_params
 from ml.settings import REPO_ROOT, get_settings
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,18 @@ class RecordedWindow:
         return {**out, "md5": self.md5} if self.path else {**out, "rejected": self.rejected}
 
 
-def labelled_window(since: datetime, until: datetime, policy: LabelParams | None = None) -> Any:
-    """Production rows of the window that got a true label back (columns label, text).
+def task_feedback_dir(params: Params | None = None) -> Path:
+    """Where a task's labelled production batches are kept (``<feedback_dir>/<task>/``)."""
+    return get_settings().feedback_dir / (params or load_params()).task.name
+
+
+def labelled_window(
+    since: datetime,
+    until: datetime,
+    policy: LabelParams | None = None,
+    params: Params | None = None,
+) -> Any:
+    """The task's production rows of the window that got a true label back (label, text).
 
     Only labels the source policy counts (:mod:`ml.label_policy`) become training data.
     Ordered by text, then label: requests arrive in no fixed order, and the same labelled rows
@@ -48,15 +59,20 @@ def labelled_window(since: datetime, until: datetime, policy: LabelParams | None
     """
     import pandas as pd
 
+    params = params or load_params()
     query = (
         sa.select(feedback.c.label, predictions.c.text, feedback.c.source)
         .select_from(predictions.join(feedback, feedback.c.request_id == predictions.c.request_id))
-        .where(predictions.c.at >= since, predictions.c.at < until)
+        .where(
+            predictions.c.at >= since,
+            predictions.c.at < until,
+            predictions.c.model_name == params.task.registered_name,
+        )
         .order_by(feedback.c.at, feedback.c.request_id)
     )
     with get_engine(get_settings().database_url).connect() as conn:
         rows = conn.execute(query).all()
-    keep, tally = counted_mask([r.source for r in rows], policy or load_params().labels)
+    keep, tally = counted_mask([r.source for r in rows], policy or params.labels)
     if not keep.all():
         log.info("window %s..%s: labels per source %s", since, until, tally.to_dict())
     table = pd.DataFrame([(r.label, r.text) for r in rows], columns=["label", "text"])[keep]
@@ -73,11 +89,12 @@ def feedback_batches(folder: Path | None = None, params: Params | None = None) -
     label, an empty or over-long text) is moved to ``quarantine/`` with its reason beside it, so
     one bad file never makes every later retraining fail validation.
     """
-    folder = folder or get_settings().feedback_dir
-    rules = (params or load_params()).validation
+    params = params or load_params()
+    folder = folder or task_feedback_dir(params)
+    rules = params.validation
     usable = []
     for path in sorted(folder.glob("window-*.tsv")):
-        problem = _unusable(path, rules)
+        problem = _unusable(path, rules, params.task.labels)
         if problem:
             quarantine(path, problem)
         else:
@@ -97,32 +114,33 @@ def quarantine(path: Path, reason: str) -> Path:
     return target / path.name
 
 
-def _failing_rows(table: Any, rules: Any) -> dict[str, Any]:
+def _failing_rows(table: Any, rules: Any, labels: Sequence[str]) -> dict[str, Any]:
     """Per rule a row must pass on its own, the mask of the rows that break it."""
     length = table["text"].astype(str).str.strip().str.len()
     return {
-        f"a label outside {list(LABELS)}": ~table["label"].isin(LABELS),
+        f"a label outside {list(labels)}": ~table["label"].isin(list(labels)),
         f"a text shorter than {rules.text_min_length}": length < rules.text_min_length,
         f"a text longer than {rules.text_max_length}": length > rules.text_max_length,
     }
 
 
-def _row_problems(table: Any, rules: Any) -> list[str]:
+def _row_problems(table: Any, rules: Any, labels: Sequence[str]) -> list[str]:
     """What keeps rows of a labelled batch from passing the gate on their own."""
     if not {"label", "text"} <= set(table.columns):
         return [f"columns {list(table.columns)}, expected label and text"]
-    counts = {what: int(mask.sum()) for what, mask in _failing_rows(table, rules).items()}
+    failing = _failing_rows(table, rules, labels)
+    counts = {what: int(mask.sum()) for what, mask in failing.items()}
     return [f"{n} row(s) with {what}" for what, n in counts.items() if n]
 
 
-def _unusable(path: Path, rules: Any) -> str | None:
+def _unusable(path: Path, rules: Any, labels: Sequence[str]) -> str | None:
     from ml.training.data import DataError, read_table
 
     try:
         table = read_table(path)
     except DataError as exc:
         return str(exc)
-    return "; ".join(_row_problems(table, rules)) or None
+    return "; ".join(_row_problems(table, rules, labels)) or None
 
 
 def _as_utc(value: datetime | str) -> datetime:
@@ -148,17 +166,21 @@ def record_labelled_window(
     from ml.training.data import read_table, write_table
     from ml.training.validation import validate_frame
 
-    folder = folder or get_settings().feedback_dir
     params = params or load_params()
+    folder = folder or task_feedback_dir(params)
     since, until = _as_utc(since), _as_utc(until)
-    table = labelled_window(since, until)
+    table = labelled_window(since, until, params=params)
     rules = params.validation
-    failing = _failing_rows(table, rules).values()
+    failing = _failing_rows(table, rules, params.task.labels).values()
     keep = ~functools.reduce(operator.or_, failing)
     clean = table[keep].drop_duplicates(subset=["text"]).reset_index(drop=True)
     dropped = len(table) - len(clean)
     result = validate_frame(
-        clean, rules, name="labelled window", data_docs_dir=get_settings().data_docs_dir
+        clean,
+        rules,
+        name="labelled window",
+        data_docs_dir=get_settings().data_docs_dir,
+        labels=params.task.labels,
     )
     if not result.success:
         log.warning("labelled window rejected: %s", "; ".join(result.reasons()))

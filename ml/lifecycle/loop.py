@@ -74,6 +74,7 @@ def nothing_to_judge(
         return "no prediction log yet: nothing has been served"
     start, end = window_bounds(since, until, DriftParams.from_params())
     query = sa.select(sa.func.count()).where(
+        predictions.c.model_name == champion.name,
         predictions.c.model_version == champion.version,
         predictions.c.at >= start,
         predictions.c.at < end,
@@ -196,6 +197,7 @@ def retraining_conf(drift: dict[str, Any], token: str) -> dict[str, Any]:
     window = feedback.record_labelled_window(drift["window_start"], drift["window_end"])
     emit_metric("retrainings", 1, kind="counter", reason="drift")
     return {
+        "task": load_params().task.name,  # the retraining is for the task that drifted
         "reason": f"{retrain_reason(drift)}; report {drift['report_dir']}",
         "drift_report": drift["report_dir"],
         "extra_paths": feedback.feedback_batches(),

@@ -106,7 +106,7 @@ def champion_metrics_on_current_data(params: Params) -> tuple[str | None, dict[s
     run_tags = registry.client().get_run(champion.run_id).data.tags if champion.run_id else {}
     if (
         run_tags.get(pipeline.EVAL_DATA_TAG) == pipeline.val_md5(params)
-        and "val_macro_recall" in champion.metrics
+        and f"val_{params.promotion.metric}" in champion.metrics
     ):
         return champion.version, _val_metrics(champion.metrics)
     model_dir = registry.download_model(champion.version)
@@ -116,8 +116,10 @@ def champion_metrics_on_current_data(params: Params) -> tuple[str | None, dict[s
 def gate(version: str, params: Params) -> PromotionDecision:
     """The offline gate: ``version`` against the champion on today's validation data."""
     challenger = registry.get_version(version)
-    if "val_macro_recall" not in challenger.metrics:
-        raise registry.RegistryError(f"version {version} has no validation metrics")
+    if f"val_{params.promotion.metric}" not in challenger.metrics:
+        raise registry.RegistryError(
+            f"version {version} has no validation {params.promotion.metric}"
+        )
     challenger_metrics = _val_metrics(challenger.metrics)
     champ_version, champ_metrics = champion_metrics_on_current_data(params)
     if champ_version == str(version):

@@ -7,7 +7,6 @@ See docs/serving.md (loading and precision).
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -20,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ml.params import LABELS
+from ml.metrics import macro_recall
 from ml.serving import backends, onnx_export  # noqa: F401 - prepare() imports it (onnx-int8)
 
 log = logging.getLogger(__name__)
@@ -83,21 +82,15 @@ class BackendChoice:
         )
 
 
-def macro_recall(labels: Sequence[str], predicted: Sequence[str]) -> float:
-    """Mean over the labels present in ``labels`` of the share of them predicted right."""
-    import numpy as np
-
-    truth, pred = np.asarray(labels), np.asarray(predicted)
-    recalls = [float((pred[truth == c] == c).mean()) for c in LABELS if (truth == c).any()]
-    return float(np.mean(recalls)) if recalls else 0.0
-
-
-def labels_of(runner: Any, tokenizer: Any, texts: Sequence[str], **batching: Any) -> list[str]:
-    """The label ``runner`` predicts for each text (length-sorted batches)."""
+def labels_of(
+    runner: Any, tokenizer: Any, texts: Sequence[str], names: Sequence[str], **batching: Any
+) -> list[str]:
+    """The label ``runner`` predicts for each text (length-sorted batches); ``names`` are the
+    model's labels in output order."""
     from ml.modeling import predict_proba
 
     probs = predict_proba(runner, tokenizer, list(texts), **batching)
-    return [LABELS[i] for i in probs.argmax(axis=1)]
+    return [names[i] for i in probs.argmax(axis=1)]
 
 
 def timing_texts(tokenizer: Any, texts: Sequence[str], n: int, max_length: int) -> list[str]:
@@ -229,7 +222,7 @@ def choose_backend(
     """
     import torch
 
-    from ml.modeling import load_model
+    from ml.modeling import load_model, model_labels
     from ml.serving.tuning import set_torch_threads
 
     flags = backends.cpu_flags() if flags is None else flags
@@ -265,6 +258,7 @@ def choose_backend(
             tokenizer,
             texts,
             labels,
+            model_labels(model),
             rounds=rounds,
             round_texts=round_texts,
             batch_size=batch_size,
@@ -347,6 +341,7 @@ def _measure(
     tokenizer: Any,
     texts: list[str],
     labels: list[str],
+    names: Sequence[str],
     *,
     rounds: int,
     round_texts: int,
@@ -370,7 +365,9 @@ def _measure(
             )
         else:
             kept[name] = runner
-    predicted = {name: labels_of(r, tokenizer, texts, **batching) for name, r in kept.items()}
+    predicted = {
+        name: labels_of(r, tokenizer, texts, names, **batching) for name, r in kept.items()
+    }
     rates = interleaved_rates(kept, tokenizer, timed, rounds=rounds, deadline=deadline, **batching)
     for name in kept:
         agree = sum(a == b for a, b in zip(predicted[name], predicted["fp32"], strict=True))
@@ -385,22 +382,23 @@ def _measure(
 
 
 def read_val(path: str | Path | None = None) -> tuple[list[str], list[str]] | None:
-    """``(texts, labels)`` of the validation table (``params.yaml`` ``data.val`` by default),
-    or None when it is missing or unreadable."""
-    if path is None:
-        from ml.params import load_params
-        from ml.settings import get_settings
+    """``(texts, labels)`` of the task's validation table (``data.val`` by default), or None
+    when it is missing or unreadable."""
+    from ml.params import load_params
+    from ml.settings import get_settings
+    from ml.training.data import DataError, read_task_table
 
-        path = Path(load_params().data.val)
+    data = load_params().data
+    if path is None:
+        path = Path(data.val)
         if not path.is_absolute():
             path = get_settings().params_path.parent / path
     try:
-        with Path(path).open(encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
-        texts, labels = [r["text"] for r in rows], [r["label"] for r in rows]
-    except (OSError, UnicodeDecodeError, KeyError, csv.Error) as exc:
+        table = read_task_table(path, data.model_copy(update={"time_column": None}))
+    except DataError as exc:
         log.warning("no validation texts to choose a serving backend with (%s)", exc)
         return None
+    texts, labels = table["text"].tolist(), table["label"].tolist()
     return (texts, labels) if texts else None
 
 

@@ -14,7 +14,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ml.params import LABELS
 from ml.serving.loading import ServingModel
 
 if TYPE_CHECKING:
@@ -139,7 +138,8 @@ class MicroBatcher:
         for j, job in enumerate(group):
             owner.extend((j, row) for row in range(len(job.texts)))
         texts = [t for job in group for t in job.texts]
-        results = [np.zeros((len(job.texts), len(LABELS)), dtype=np.float32) for job in group]
+        width = len(getattr(group[0].model, "labels", ()))  # the model's classes
+        results = [np.zeros((len(job.texts), width), dtype=np.float32) for job in group]
         left = [len(job.texts) for job in group]
         try:
             for idx, probs in group[0].model.iter_predict(texts):

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ml.modeling import iter_proba, load_model, predict_proba
-from ml.params import LABELS
 from ml.serving import backend_choice, backends
 
 if TYPE_CHECKING:
@@ -60,6 +59,7 @@ class ServingModel:
     tokenizer: Any
     device: str
     precision: str
+    labels: tuple[str, ...] = ()  # the outputs, in order
     max_length: int = 64
     batch_size: int = 32
     run_id: str = ""
@@ -71,7 +71,7 @@ class ServingModel:
         return model_key(self.name, self.version, self.run_id)
 
     def predict(self, texts: Sequence[str]) -> np.ndarray:
-        """Class probabilities ``(len(texts), 3)`` in :data:`ml.params.LABELS` order."""
+        """Class probabilities ``(len(texts), len(labels))`` in :attr:`labels` order."""
         return predict_proba(self.model, self.tokenizer, list(texts), **self._batching())
 
     def iter_predict(self, texts: Sequence[str]) -> Iterator[tuple[list[int], np.ndarray]]:
@@ -152,7 +152,7 @@ def check_outputs(model: ServingModel, texts: Sequence[str] = WARMUP_TEXTS) -> n
     import numpy as np
 
     probs = model.predict(texts)
-    if probs.shape != (len(texts), len(LABELS)):
+    if probs.shape != (len(texts), len(model.labels)):
         raise ModelLoadError(f"model {model.key} returned shape {probs.shape}")
     if not np.all(np.isfinite(probs)) or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
         raise ModelLoadError(f"model {model.key} returned scores that are not probabilities")
@@ -164,6 +164,7 @@ def load_for_serving(
     *,
     name: str,
     version: str,
+    labels: Sequence[str] | None = None,
     device_setting: str = "auto",
     gpu: bool = False,
     precision: str | None = None,
@@ -181,6 +182,8 @@ def load_for_serving(
         path: Directory with ``config.json``, weights and tokenizer files.
         name: Registered model name (for cache keys, logs and metrics).
         version: Registered version.
+        labels: The task's labels: the model must predict exactly these, in this order
+            (None: whatever it predicts; the service always names its task's).
         device_setting: ``DRIFTLOOP_DEVICE`` (``auto``, ``cpu``, ``cuda``).
         gpu: ``DRIFTLOOP_SERVE_GPU``: serve on CUDA in half precision when a GPU is visible.
         precision: The backend (``params.yaml`` ``serve.backend``): ``auto`` measures the
@@ -199,7 +202,7 @@ def load_for_serving(
 
     Raises:
         BackendError: ``precision`` names no backend of the device.
-        ModelLoadError: The directory does not hold a three-class classifier that works.
+        ModelLoadError: The directory does not hold a working classifier for ``labels``.
     """
     device, fixed = serving_device(device_setting, gpu)
     if precision is not None:
@@ -210,11 +213,10 @@ def load_for_serving(
     except Exception as exc:
         raise ModelLoadError(f"cannot load {name} v{version} from {path}: {exc}") from exc
     id2label: dict[Any, Any] = dict(model.config.id2label or {})
-    labels = [id2label.get(i) for i in range(int(model.config.num_labels or 0))]
-    if labels != list(LABELS):
-        raise ModelLoadError(
-            f"{name} v{version} predicts {labels}, but the service serves {list(LABELS)}"
-        )
+    predicted = [id2label.get(i) for i in range(int(model.config.num_labels or 0))]
+    wanted: list[Any] = list(labels) if labels is not None else predicted
+    if predicted != wanted or not all(isinstance(label, str) for label in wanted):
+        raise ModelLoadError(f"{name} v{version} predicts {predicted}, but its task has {wanted}")
     if not getattr(tokenizer, "is_fast", False):
         log.warning("%s v%s has a slow (Python) tokenizer: batches tokenise slowly", name, version)
     backend, how = fixed, "fixed default"
@@ -245,6 +247,7 @@ def load_for_serving(
         tokenizer=tokenizer,
         device=device,
         precision=backend,
+        labels=tuple(wanted),
         max_length=max_length,
         batch_size=batch_size,
         run_id=run_id,

@@ -1,22 +1,36 @@
 """The rows of the prediction log and their JSON-lines form (journal and spool files).
 
 A row is ``(kind, columns)``: :data:`PREDICTION`, :data:`SHADOW` or :data:`FEEDBACK`, then the
-table's columns.
+table's columns. A prediction's ``scores`` map each of the model's labels to its probability, in
+the model's label order, and ``confidence`` is the highest of them.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from ml.params import LABELS
-
 PREDICTION = "p"
 SHADOW = "s"
 FEEDBACK = "f"
+_SCORE_PREFIX = "score_"  # rows written before migration 0002 had a score_<label> column each
+
+
+def _scores(scores: Mapping[str, float]) -> dict[str, float]:
+    """A plain ``{label: float}`` copy, in the given order; refuses anything else."""
+    if not isinstance(scores, Mapping):
+        raise TypeError(f"scores must map each label to its score, got {type(scores).__name__}")
+    if not scores:
+        raise ValueError("a prediction needs at least one score")
+    return {str(label): float(score) for label, score in scores.items()}
+
+
+def _score_columns(scores: Mapping[str, float]) -> dict[str, Any]:
+    return {"scores": dict(scores), "confidence": max(scores.values())}
 
 
 def new_request_id() -> str:
@@ -26,7 +40,7 @@ def new_request_id() -> str:
 
 @dataclass(frozen=True)
 class PredictionRecord:
-    """One logged prediction. ``scores`` follow :data:`ml.params.LABELS` order."""
+    """One logged prediction. ``scores``: label -> probability, in the model's label order."""
 
     request_id: str
     at: datetime
@@ -34,9 +48,12 @@ class PredictionRecord:
     model_version: str
     text: str
     label: str
-    scores: tuple[float, ...]
+    scores: Mapping[str, float]
     latency_ms: float
     cached: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scores", _scores(self.scores))
 
     def to_row(self) -> dict[str, Any]:
         row: dict[str, Any] = {
@@ -46,11 +63,10 @@ class PredictionRecord:
             "model_version": self.model_version,
             "text": self.text,
             "label": self.label,
+            **_score_columns(self.scores),
             "latency_ms": float(self.latency_ms),
             "cached": bool(self.cached),
         }
-        for name, score in zip(LABELS, self.scores, strict=True):
-            row[f"score_{name}"] = float(score)
         return row
 
 
@@ -62,8 +78,11 @@ class ShadowRecord:
     at: datetime
     model_version: str
     label: str
-    scores: tuple[float, ...]
+    scores: Mapping[str, float]  # label -> probability, in the model's label order
     latency_ms: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scores", _scores(self.scores))
 
     def to_row(self) -> dict[str, Any]:
         row: dict[str, Any] = {
@@ -71,10 +90,9 @@ class ShadowRecord:
             "at": self.at,
             "model_version": self.model_version,
             "label": self.label,
+            **_score_columns(self.scores),
             "latency_ms": float(self.latency_ms),
         }
-        for name, score in zip(LABELS, self.scores, strict=True):
-            row[f"score_{name}"] = float(score)
         return row
 
 
@@ -112,8 +130,18 @@ def encode(item: Item) -> str:
 
 
 def decode(line: str) -> Item:
-    """The ``(kind, row)`` a line of :func:`encode` holds."""
+    """The ``(kind, row)`` a line of :func:`encode` holds.
+
+    Prediction rows journaled or spooled by a driftloop from before migration 0002 (a
+    ``score_<label>`` key per label) come back in today's shape: ``scores`` and ``confidence``.
+    """
     obj = json.loads(line)
+    kind = obj["kind"]
     row = dict(obj["row"])
     row["at"] = datetime.fromisoformat(row["at"])
-    return obj["kind"], row
+    if kind in (PREDICTION, SHADOW) and "scores" not in row:
+        old = [key for key in row if key.startswith(_SCORE_PREFIX)]
+        if old:
+            scores = _scores({key[len(_SCORE_PREFIX) :]: row.pop(key) for key in old})
+            row.update(_score_columns(scores))
+    return kind, row

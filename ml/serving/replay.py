@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ml.params import LABELS
+from ml.params import load_params
 from ml.serving.provenance import key_id
 from ml.training.data import read_table
 
@@ -71,9 +71,10 @@ def replay(
     missing = {"label", "text"} - set(table.columns)
     if missing:
         raise ValueError(f"{path}: missing column(s) {sorted(missing)}; need label and text")
-    bad = sorted(set(table["label"]) - set(LABELS))
+    labels = load_params().task.labels
+    bad = sorted(set(table["label"]) - set(labels))
     if bad:
-        raise ValueError(f"{path}: unknown labels {bad[:5]}; expected {list(LABELS)}")
+        raise ValueError(f"{path}: unknown labels {bad[:5]}; expected {list(labels)}")
     rows = list(table[["label", "text"]].itertuples(index=False, name=None))[:limit]
     rng = random.Random(seed)
     with_feedback = {i for i in range(len(rows)) if rng.random() < feedback_share}

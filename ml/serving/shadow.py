@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ml.params import LABELS
 from ml.serving.loading import ServedModel
 from ml.serving.records import ShadowRecord
 
@@ -84,8 +83,9 @@ class ShadowScorer:
 
     Args:
         submit: ``(model key, texts) -> Future`` of probabilities, one row per text in
-            :data:`ml.params.LABELS` order (``ModelProcess.submit`` of the shadow process).
+            ``labels`` order (``ModelProcess.submit`` of the shadow process).
         log_records: Called with each job's records (``PredictionLog.log_shadow``).
+        labels: The task's labels, in the models' output order.
         share: The share of canary requests shadowed (``rollout.shadow_share``).
         queue_texts: Texts queued or being scored at most (``rollout.shadow_queue_texts``);
             a job that does not fit is dropped whole.
@@ -102,6 +102,7 @@ class ShadowScorer:
         *,
         submit: Callable[[str, list[str]], Future[Any]],
         log_records: Callable[[list[ShadowRecord]], None],
+        labels: Sequence[str],
         share: float,
         queue_texts: int,
         is_loaded: Callable[[str], bool] = lambda key: True,
@@ -116,6 +117,7 @@ class ShadowScorer:
         if queue_texts < 1:
             raise ValueError(f"the shadow queue bound must be at least 1 text, got {queue_texts}")
         self.share = share
+        self.labels = tuple(labels)
         self.queue_texts = queue_texts
         self.max_job_texts = max_job_texts
         self.job_timeout = job_timeout
@@ -261,11 +263,11 @@ class ShadowScorer:
         if self._on_scored is not None:
             self._call(self._on_scored, len(records))
 
-    @staticmethod
-    def _records(group: list[_Job], probs: Any, latency_ms: float) -> list[ShadowRecord]:
+    def _records(self, group: list[_Job], probs: Any, latency_ms: float) -> list[ShadowRecord]:
+        labels = self.labels
         rows = [tuple(float(p) for p in row) for row in probs]
         texts = sum(len(job.texts) for job in group)
-        if len(rows) != texts or any(len(row) != len(LABELS) for row in rows):
+        if len(rows) != texts or any(len(row) != len(labels) for row in rows):
             raise ValueError(f"the shadow model answered {len(rows)} rows for {texts} texts")
         pairs = ((job, rid) for job in group for rid in job.request_ids)
         return [
@@ -273,8 +275,8 @@ class ShadowScorer:
                 request_id=rid,
                 at=job.at,
                 model_version=job.model.version,
-                label=LABELS[max(range(len(LABELS)), key=row.__getitem__)],
-                scores=row,
+                label=labels[max(range(len(labels)), key=row.__getitem__)],
+                scores=dict(zip(labels, row, strict=True)),
                 latency_ms=latency_ms,
             )
             for (job, rid), row in zip(pairs, rows, strict=True)

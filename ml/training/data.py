@@ -1,7 +1,8 @@
-"""Reading labelled tweet tables and carving the training batch out of them.
+"""Reading labelled tables and carving the training batch out of them.
 
-Tables are TSV (or CSV by extension) with at least ``label`` and ``text`` columns;
-``tweets.tsv`` also has ``id`` and ``source`` (the SemEval release, a time axis).
+Tables are TSV (or CSV by extension) with at least ``label`` and ``text`` columns, or the
+columns a task names for them (:func:`read_task_table`); the sentiment task's ``tweets.tsv``
+also has ``id`` and ``source`` (the SemEval release, a time axis).
 """
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from ml.params import LABELS, DataParams, TrainParams
+from ml.params import DataParams, TrainParams
 
 KNOWN_COLUMNS = frozenset({"id", "source", "label", "text"})
 
@@ -54,6 +56,25 @@ def read_table(path: str | Path) -> pd.DataFrame:
             "with a header row such as 'label<TAB>text'"
         )
     return df
+
+
+def read_task_table(path: str | Path, data: DataParams) -> pd.DataFrame:
+    """A task's table with its text and label columns named ``text`` and ``label``.
+
+    Its time column, where the task has one, is kept as it is named; a missing column is a
+    :class:`DataError` that names the columns found.
+    """
+    table = read_table(path)
+    wanted = {data.text_column: "text", data.label_column: "label"}
+    missing = [c for c in wanted if c not in table.columns]
+    if data.time_column and (data.train_sources or data.drift_sources):
+        missing += [data.time_column] if data.time_column not in table.columns else []
+    if missing:
+        raise DataError(f"{path}: no column {missing}; it has {list(table.columns)}")
+    renamed = {src: dst for src, dst in wanted.items() if src != dst}
+    if renamed:
+        table = table.drop(columns=[c for c in renamed.values() if c in table.columns])
+    return table.rename(columns=renamed)
 
 
 def normalise_text(text: str) -> str:
@@ -138,7 +159,8 @@ def training_rows(
     training sources, stratified by class, always fills the rest: every window ever recorded
     no longer crowds it out.
     """
-    base = tweets[tweets["source"].isin(data.train_sources)] if data.train_sources else tweets
+    time = data.time_column
+    base = tweets[tweets[time].isin(data.train_sources)] if time and data.train_sources else tweets
     base = base[["label", "text"]]
     windows = [e[["label", "text"]] for e in (extra or [])]
     split = max(len(windows) - data.recent_windows, 0)
@@ -180,21 +202,23 @@ def prepare_training_batch(
     out_path: str | Path,
     data: DataParams,
     train: TrainParams,
+    labels: Sequence[str],
     extra_paths: list[str] | None = None,
     max_examples: int | None = None,
 ) -> PreparedBatch:
     """Write the training batch (``label``, ``text``) to ``out_path`` and describe it.
 
-    ``extra_paths`` are labelled batches, oldest first (:func:`training_rows` keeps the newest).
+    ``extra_paths`` are labelled batches, oldest first (:func:`training_rows` keeps the newest);
+    ``labels`` are the task's (the batch's class counts are given for each).
     """
-    tweets = read_table(tweets_path)
+    tweets = read_task_table(tweets_path, data)
     extra = [read_table(p) for p in (extra_paths or [])]
     limit = max_examples if max_examples is not None else train.max_examples
     rows, mix = training_rows(tweets, data, limit, data.seed, extra)
     out = write_table(rows, out_path)
     inputs = {str(tweets_path): dvc_hash(tweets_path) or file_md5(tweets_path)}
     inputs.update({str(p): dvc_hash(p) or file_md5(p) for p in (extra_paths or [])})
-    counts = {label: int((rows["label"] == label).sum()) for label in LABELS}
+    counts = {label: int((rows["label"] == label).sum()) for label in labels}
     return PreparedBatch(
         path=str(out),
         rows=len(rows),

@@ -1,7 +1,8 @@
 """Evaluation on held-out data (the promotion rule that uses it: :mod:`ml.lifecycle.promotion`).
 
-The primary metric is macro-averaged recall (TweetEval's metric for this task); macro-F1,
-accuracy and per-class recall are reported next to it.
+Every table is scored with macro-averaged recall, macro-F1, accuracy and per-class recall; a
+task's ``promotion.metric`` says which one decides (TweetEval's: macro-recall for sentiment,
+macro-F1 for emotion).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ml.params import LABELS, EvaluateParams
+from ml.params import EvaluateParams
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -26,6 +27,7 @@ class EvalResult:
     """Metrics of one model on one labelled table."""
 
     metrics: dict[str, float]
+    labels: tuple[str, ...]  # the confusion matrix's rows and columns, in order
     confusion: list[list[int]]
     report: str
     rows: int
@@ -35,11 +37,13 @@ class EvalResult:
         return asdict(self)
 
 
-def compute_metrics(y_true: Sequence[str], y_pred: Sequence[str]) -> tuple[dict[str, float], Any]:
+def compute_metrics(
+    y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]
+) -> tuple[dict[str, float], Any]:
     """Macro recall/F1, accuracy and per-class recall, plus the confusion matrix."""
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
 
-    labels = list(LABELS)
+    labels = list(labels)
     per_class = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
     metrics = {
         "macro_recall": float(
@@ -55,31 +59,43 @@ def compute_metrics(y_true: Sequence[str], y_pred: Sequence[str]) -> tuple[dict[
 
 
 def evaluate_predictions(
-    y_true: Sequence[str], y_pred: Sequence[str], data: str = ""
+    y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str], data: str = ""
 ) -> EvalResult:
     from sklearn.metrics import classification_report
 
-    metrics, cm = compute_metrics(y_true, y_pred)
-    report = classification_report(y_true, y_pred, labels=list(LABELS), digits=4, zero_division=0)
+    metrics, cm = compute_metrics(y_true, y_pred, labels)
+    report = classification_report(y_true, y_pred, labels=list(labels), digits=4, zero_division=0)
     return EvalResult(
-        metrics=metrics, confusion=cm.tolist(), report=str(report), rows=len(y_true), data=data
+        metrics=metrics,
+        labels=tuple(labels),
+        confusion=cm.tolist(),
+        report=str(report),
+        rows=len(y_true),
+        data=data,
     )
 
 
 def evaluate_model(
     model: Any, tokenizer: Any, table: pd.DataFrame, params: EvaluateParams, data: str = ""
 ) -> EvalResult:
-    """Predict every row of ``table`` (columns label, text) and score the predictions."""
-    from ml.modeling import predict_proba
+    """Predict every row of ``table`` (columns label, text) and score the predictions with the
+    model's own labels (a row labelled outside them counts as a miss)."""
+    from ml.modeling import model_labels, predict_proba
 
+    labels = model_labels(model)
     probs = predict_proba(
         model, tokenizer, table["text"].tolist(), params.batch_size, params.max_length
     )
-    y_pred = [LABELS[i] for i in probs.argmax(axis=1)]
-    return evaluate_predictions(table["label"].tolist(), y_pred, data=data)
+    y_pred = [labels[i] for i in probs.argmax(axis=1)]
+    return evaluate_predictions(table["label"].tolist(), y_pred, labels, data=data)
 
 
-def confusion_png(confusion: list[list[int]], path: Path, title: str = "Confusion matrix") -> Path:
+def confusion_png(
+    confusion: list[list[int]],
+    labels: Sequence[str],
+    path: Path,
+    title: str = "Confusion matrix",
+) -> Path:
     """Draw the confusion matrix (counts and row-normalised shading) to a PNG."""
     import matplotlib
 
@@ -91,8 +107,8 @@ def confusion_png(confusion: list[list[int]], path: Path, title: str = "Confusio
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(4.8, 4.2), dpi=120)
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(LABELS)), LABELS)
-    ax.set_yticks(range(len(LABELS)), LABELS)
+    ax.set_xticks(range(len(labels)), list(labels))
+    ax.set_yticks(range(len(labels)), list(labels))
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
@@ -123,7 +139,9 @@ def log_to_mlflow(result: EvalResult, prefix: str = "val_") -> None:
 
     mlflow.log_metrics({f"{prefix}{k}": v for k, v in result.metrics.items()})
     with tempfile.TemporaryDirectory() as tmp:
-        png = confusion_png(result.confusion, Path(tmp) / f"{prefix}confusion_matrix.png")
+        png = confusion_png(
+            result.confusion, result.labels, Path(tmp) / f"{prefix}confusion_matrix.png"
+        )
         mlflow.log_artifact(str(png), "evaluation")
         report = Path(tmp) / f"{prefix}classification_report.txt"
         report.write_text(f"{result.data}\n\n{result.report}")

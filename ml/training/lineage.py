@@ -29,6 +29,7 @@ REASON_TAG = "driftloop.reason"
 TRIGGER_TAG = "driftloop.trigger"
 GIT_COMMIT_TAG = "driftloop.git_commit"
 DATA_TAG_PREFIX = "driftloop.data."  # + file name -> md5
+TASK_TAG = "driftloop.task"  # the task a run trained (and a version serves)
 
 
 def data_tags(data_hashes: dict[str, str]) -> dict[str, str]:

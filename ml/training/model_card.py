@@ -10,25 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-TASK = "Three-way sentiment of English tweets"
-# What the behavioural tests (tests/behavioural/test_behavioural.py) check, and what they do not.
-# They run on a reference model trained the same way, not on each registered version.
-KNOWN_LIMITS: tuple[str, ...] = (
-    "Behavioural checks run on a reference model trained the same way on a 3,000-tweet sample "
-    "(`tests/behavioural/`), not on this version. A version is gated by macro recall on the "
-    "validation split and then by the canary's live comparison; neither checks the behaviours "
-    "below.",
-    "Mentions: replacing `@user` with a real-looking handle must leave at least 90% of labels "
-    "unchanged (95.3% measured on the reference model), so a few percent of labels still move "
-    "with who is mentioned.",
-    "Links: swapping one URL for another must leave at least 90% of labels unchanged (93.0% "
-    "measured on the reference model): the link text alone flips about 7 in 100 labels.",
-    "Negation: checked on ten short explicit pairs ('I love this phone' / 'I do not love this "
-    "phone'), where the positive probability must fall on every pair (mean drop 0.43 measured). "
-    "Sarcasm, double negation and implied sentiment are not tested.",
-    "Data: English tweets from the SemEval 2013-2015 releases plus labelled production windows; "
-    "the 2016 tweets are held back as the drift scenario, so later topics and slang are unseen. "
-    "Texts are cut at `train.max_length` tokens.",
+# Limits every version of every task shares; a task adds its own (``limits`` in its entry of
+# ``params.yaml``: what its behavioural tests check and what they do not).
+COMMON_LIMITS: tuple[str, ...] = (
+    "A version is gated by its task's primary metric on the validation split and then by the "
+    "canary's live comparison; neither checks behaviours the task's limits do not list.",
 )
 
 
@@ -38,6 +24,7 @@ class ModelCard:
 
     run_id: str
     reason: str
+    task: str
     labels: tuple[str, ...]
     metrics: Mapping[str, float]
     data_mix: Mapping[str, int]  # rows (and windows) per part of the training batch
@@ -47,7 +34,8 @@ class ModelCard:
     mlflow_task: str = "text-classification"
     eval_data_md5: str | None = None
     champion_version: str | None = None  # the champion when this version was registered
-    limits: tuple[str, ...] = KNOWN_LIMITS
+    description: str = ""  # the task's, from params.yaml
+    limits: tuple[str, ...] = COMMON_LIMITS
 
 
 def _table(header: tuple[str, str], rows: list[tuple[str, str]]) -> list[str]:
@@ -87,7 +75,8 @@ def render_card(card: ModelCard) -> str:
         "",
         "## Task",
         "",
-        f"{TASK} (MLflow task `{card.mlflow_task}`).",
+        f"`{card.task}`{': ' + card.description if card.description else ''} "
+        f"(MLflow task `{card.mlflow_task}`).",
         f"Labels: {', '.join(f'`{label}`' for label in card.labels)}.",
         "",
         f"## Metrics{scored_on}",

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ml import registry
-from ml.params import LABELS, Params, load_params
+from ml.params import Params, load_params
 from ml.settings import REPO_ROOT, get_settings
 from ml.training.data import (
     DataError,
@@ -23,16 +23,18 @@ from ml.training.data import (
     file_md5,
     prepare_training_batch,
     read_table,
+    read_task_table,
 )
 from ml.training.evaluate import EvalResult, evaluate_model
 from ml.training.lineage import (
     DATA_TAG_PREFIX,
     GIT_COMMIT_TAG,
+    TASK_TAG,
     TRIGGER_TAG,
     data_tags,
     lineage_tags,
 )
-from ml.training.model_card import ModelCard, render_card
+from ml.training.model_card import COMMON_LIMITS, ModelCard, render_card
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -65,15 +67,17 @@ def prepare(
     max_examples: int | None = None,
     params: Params | None = None,
 ) -> PreparedBatch:
-    """Carve the training batch out of ``tweets.tsv`` (plus extra labelled batches)."""
+    """Carve the task's training batch out of its training table (plus extra labelled batches)."""
     params = params or load_params()
     settings = get_settings()
-    out = Path(out_path) if out_path else settings.ensure_home() / "work" / "train_batch.tsv"
+    work = settings.ensure_home() / "work"
+    out = Path(out_path) if out_path else work / f"train_batch_{params.task.name}.tsv"
     return prepare_training_batch(
-        _repo_path(params.data.tweets),
+        _repo_path(params.data.train),
         out,
         params.data,
         params.train,
+        params.task.labels,
         extra_paths=[str(_repo_path(p)) for p in (extra_paths or [])],
         max_examples=max_examples,
     )
@@ -84,7 +88,12 @@ def validate(path: str | Path, params: Params | None = None) -> dict[str, Any]:
     from ml.training.validation import require_valid, validate_file
 
     params = params or load_params()
-    result = validate_file(path, params.validation, data_docs_dir=get_settings().data_docs_dir)
+    result = validate_file(
+        path,
+        params.validation,
+        data_docs_dir=get_settings().data_docs_dir,
+        labels=params.task.labels,
+    )
     return require_valid(result).to_dict()
 
 
@@ -115,18 +124,18 @@ def train(
     train_params = params.train.model_copy(update={"epochs": epochs}) if epochs else params.train
     settings = get_settings()
     registry.ensure_experiment(settings)
-    if model is None and settings.base_model:
-        from ml.modeling import load_tokenizer, new_classifier
+    from ml.modeling import base_model_path
 
-        model, tokenizer = new_classifier(settings.base_model), load_tokenizer(settings.base_model)
+    base = base_model_path(settings.base_model or params.task.base_model)
     table = read_table(batch_path)
     hashes = dict(batch_inputs or {})
     hashes.setdefault(str(batch_path), file_md5(batch_path))
     val_path = _repo_path(params.data.val)
-    val = read_table(val_path)
+    val = read_task_table(val_path, params.data)
     curve_sample = val.sample(n=min(500, len(val)), random_state=params.data.seed)
     mix = {f"{MIX_TAG_PREFIX}{part}": str(n) for part, n in (batch_mix or {}).items()}
-    tags = {**lineage_tags(reason, hashes, trigger), **mix, **(extra_tags or {})}
+    tags = {**lineage_tags(reason, hashes, trigger), TASK_TAG: params.task.name, **mix}
+    tags |= extra_tags or {}
     with mlflow.start_run(tags=tags) as run:
         _log_datasets(table, batch_path, hashes, val, params, batch_mix or {})
         out_dir = settings.work_dir / "runs" / run.info.run_id / "model"
@@ -134,8 +143,10 @@ def train(
             table,
             train_params,
             out_dir,
+            labels=params.task.labels,
             model=model,
             tokenizer=tokenizer,
+            base_model=base,
             eval_table=curve_sample,
             eval_params=params.evaluate,
             device_setting=settings.device,
@@ -216,7 +227,7 @@ def _log_datasets(
 
     batch = str(batch_path)
     val_path, val_hash = _repo_path(params.data.val), val_md5(params)
-    base = str(_repo_path(params.data.tweets))
+    base = str(_repo_path(params.data.train))
     feedback_files = {p: md5 for p, md5 in hashes.items() if p not in (batch, base)}
     feedback = _feedback_rows(table, feedback_files, mix)
     try:
@@ -272,7 +283,7 @@ def evaluate_dir(model_dir: str | Path, params: Params | None = None) -> EvalRes
     return evaluate_model(
         model,
         tokenizer,
-        read_table(val_path),
+        read_task_table(val_path, params.data),
         params.evaluate,
         data=f"{params.data.val} (md5 {md5})",
     )
@@ -302,14 +313,20 @@ def val_md5(params: Params) -> str:
     return dvc_hash(val_path) or file_md5(val_path)
 
 
-def card_for_run(run: Any, reason: str, champion_version: str | None) -> ModelCard:
+def card_for_run(
+    run: Any, reason: str, champion_version: str | None, params: Params | None = None
+) -> ModelCard:
     """A training run's model card inputs, read off its tags and metrics."""
+    params = params or load_params()
     tags: dict[str, str] = dict(run.data.tags)
     return ModelCard(
         run_id=run.info.run_id,
         reason=reason,
         trigger=tags.get(TRIGGER_TAG, "unknown"),
-        labels=LABELS,
+        task=params.task.name,
+        description=params.task.description,
+        labels=params.task.labels,
+        limits=(*COMMON_LIMITS, *params.task.limits),
         mlflow_task=registry.MODEL_TASK,
         metrics={k: v for k, v in run.data.metrics.items() if k.startswith("val_")},
         data_mix={
@@ -329,35 +346,44 @@ def card_for_run(run: Any, reason: str, champion_version: str | None) -> ModelCa
 
 
 def register(
-    run_id: str, *, reason: str, actor: str, drift_report: str | None = None
+    run_id: str,
+    *,
+    reason: str,
+    actor: str,
+    drift_report: str | None = None,
+    params: Params | None = None,
 ) -> dict[str, Any]:
-    """Register a run's model as a new version and point ``challenger`` at it.
+    """Register a run's model as a new version of its task's model; point ``challenger`` at it.
 
     The version's description is its model card (:mod:`ml.training.model_card`); a version
     that a drift finding led to is tagged with its report (the canary's end is added to that
     report's review page).
     """
+    params = params or load_params()
+    name = params.task.registered_name
     mlc = registry.client()
     run = mlc.get_run(run_id)
-    if "val_macro_recall" not in run.data.metrics:
+    metric = f"val_{params.promotion.metric}"
+    if metric not in run.data.metrics:
         raise registry.RegistryError(
-            f"run {run_id} has no validation metrics; evaluate it before registering"
+            f"run {run_id} has no validation {metric}; evaluate it before registering"
         )
-    existing = [v for v in registry.list_versions() if v.run_id == run_id]
+    existing = [v for v in registry.list_versions(name) if v.run_id == run_id]
     if existing:  # a retried task: keep the version registered the first time
         version = existing[0]
     else:
-        champion = registry.get_alias(registry.CHAMPION)
-        card = card_for_run(run, reason, champion.version if champion else None)
+        champion = registry.get_alias(registry.CHAMPION, name)
+        card = card_for_run(run, reason, champion.version if champion else None, params)
         version = registry.register_model(
             run.data.tags[MODEL_URI_TAG],
             run_id,
             reason=reason,
-            tags={"git_commit": card.git_commit}
+            tags={"git_commit": card.git_commit, TASK_TAG: params.task.name}
             | ({registry.DRIFT_REPORT_TAG: drift_report} if drift_report else {}),
             description=render_card(card),
+            name=name,
         )
-    current = registry.get_alias(registry.CHALLENGER)
+    current = registry.get_alias(registry.CHALLENGER, name)
     if current is not None and current.version == version.version:
         return current.to_dict()
     registry.set_alias(
@@ -365,5 +391,6 @@ def register(
         version.version,
         actor=actor,
         reason=f"new model from run {run_id}: {reason}",
+        name=name,
     )
-    return registry.get_version(version.version).to_dict()
+    return registry.get_version(version.version, name).to_dict()

@@ -12,11 +12,12 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ml.modeling import LABEL2ID, iter_batches, resolve_device, save_model
+from ml.modeling import iter_batches, label_maps, model_labels, resolve_device, save_model
 from ml.params import EvaluateParams, TrainParams
 
 if TYPE_CHECKING:
@@ -92,8 +93,10 @@ def train_model(
     params: TrainParams,
     out_dir: Path,
     *,
+    labels: Sequence[str] | None = None,
     model: Any = None,
     tokenizer: Any = None,
+    base_model: str | None = None,
     eval_table: pd.DataFrame | None = None,
     eval_params: EvaluateParams | None = None,
     device_setting: str = "auto",
@@ -106,7 +109,10 @@ def train_model(
         table: the training batch (already validated).
         params: hyper-parameters from ``params.yaml``.
         out_dir: where the Hugging Face model and tokenizer are saved.
-        model, tokenizer: defaults to MiniLM with a fresh three-class head; tests pass a tiny one.
+        labels: the task's labels, in the order of the model's outputs (default: the given
+            model's own).
+        model, tokenizer: defaults to ``base_model`` (a local checkpoint; default the packaged
+            MiniLM) with a fresh head for ``labels``; tests pass a tiny one.
         eval_table: optional held-out rows scored after every epoch (the training curve).
         device_setting: ``auto`` / ``cpu`` / ``cuda``.
         log_to_mlflow: log params, losses and epoch metrics to the active MLflow run.
@@ -118,11 +124,20 @@ def train_model(
 
     torch.manual_seed(params.seed)
     device = resolve_device(device_setting)
-    tokenizer = tokenizer or load_tokenizer()
-    model = model or new_classifier()
+    if model is None:
+        if labels is None:
+            raise ValueError("train_model needs the task's labels or a model to fine-tune")
+        model = new_classifier(labels, base_model)
+    tokenizer = tokenizer or load_tokenizer(base_model)
+    _, label2id = label_maps(model_labels(model))
+    if labels is not None and tuple(labels) != model_labels(model):
+        raise ValueError(f"the model predicts {list(model_labels(model))}, the task {list(labels)}")
+    unknown = sorted(set(table["label"]) - set(label2id))
+    if unknown:
+        raise ValueError(f"labels {unknown[:5]} are not the task's {list(label2id)}")
     model.to(device)
     texts = table["text"].tolist()
-    labels = torch.tensor([LABEL2ID[label] for label in table["label"]], dtype=torch.long)
+    targets = torch.tensor([label2id[label] for label in table["label"]], dtype=torch.long)
 
     steps_per_epoch = math.ceil(len(texts) / params.batch_size)
     total_steps = steps_per_epoch * params.epochs
@@ -172,7 +187,7 @@ def train_model(
             shuffle_seed=params.seed + epoch,
         ):
             enc = {k: v.to(device) for k, v in enc.items()}
-            target = labels[idx].to(device)
+            target = targets[idx].to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 loss = torch.nn.functional.cross_entropy(model(**enc).logits.float(), target)
             optim.zero_grad(set_to_none=True)

@@ -1,7 +1,7 @@
 """The validation gate: a Great Expectations suite for a labelled batch (``label``, ``text``).
 
 One suite, built from ``params.yaml``'s ``validation`` section, checks that the required columns
-exist, hold no nulls or empty strings, that every label is one of :data:`ml.params.LABELS`, that
+exist, hold no nulls or empty strings, that every label is one of the task's labels, that
 texts have a sane length, that few texts are duplicated, that the batch is big enough, and that
 each class's share lies within bounds. Results come back as a typed :class:`ValidationResult`
 whose failures read as one line each; :func:`require_valid` turns a failed result into
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,7 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
-from ml.params import LABELS, ValidationParams
+from ml.params import ValidationParams
 from ml.training.data import read_table
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ class ValidationFailed(Exception):
         )
 
 
-def build_suite(params: ValidationParams) -> gx.ExpectationSuite:
+def build_suite(params: ValidationParams, labels: Sequence[str]) -> gx.ExpectationSuite:
     """The expectation suite for a labelled batch, with thresholds taken from ``params``.
 
     Each expectation carries ``meta={"check": ...}`` so results can be read back per rule.
@@ -114,7 +115,7 @@ def build_suite(params: ValidationParams) -> gx.ExpectationSuite:
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
-    labels = list(LABELS)
+    labels = list(labels)
     expectations: list[Any] = []
     for column in REQUIRED_COLUMNS:
         expectations.append(
@@ -190,12 +191,15 @@ def validate_frame(
     params: ValidationParams,
     name: str = "batch",
     data_docs_dir: Path | None = None,
+    *,
+    labels: Sequence[str],
 ) -> ValidationResult:
     """Validate a labelled batch (columns ``label`` and ``text``; others are ignored).
 
     Args:
         df: The batch. It is not modified.
         params: Thresholds (``params.yaml``'s ``validation`` section).
+        labels: The task's labels: every row's label must be one of them.
         name: What to call the batch in the result and in Data Docs.
         data_docs_dir: If given, Data Docs HTML for this validation is written there; its
             ``index.html`` lists this validation only (pages of earlier runs stay on disk).
@@ -224,7 +228,7 @@ def validate_frame(
         context.update_data_docs_site(DATA_DOCS_SITE, site)
     asset = context.data_sources.add_pandas("driftloop").add_dataframe_asset(_asset_name(name))
     batch_definition = asset.add_batch_definition_whole_dataframe("whole")
-    suite = context.suites.add(build_suite(params))
+    suite = context.suites.add(build_suite(params, labels))
     definition = context.validation_definitions.add(
         gx.ValidationDefinition(
             name=f"{SUITE_NAME}-{_asset_name(name)}", data=batch_definition, suite=suite
@@ -258,7 +262,11 @@ def validate_frame(
 
 
 def validate_file(
-    path: str | Path, params: ValidationParams, data_docs_dir: Path | None = None
+    path: str | Path,
+    params: ValidationParams,
+    data_docs_dir: Path | None = None,
+    *,
+    labels: Sequence[str],
 ) -> ValidationResult:
     """Read a TSV/CSV table with :func:`ml.training.data.read_table` and validate it.
 
@@ -267,7 +275,7 @@ def validate_file(
             exit code 2; it is not a validation failure but an unusable input).
     """
     df = read_table(path)
-    return validate_frame(df, params, name=str(path), data_docs_dir=data_docs_dir)
+    return validate_frame(df, params, name=str(path), data_docs_dir=data_docs_dir, labels=labels)
 
 
 def require_valid(result: ValidationResult) -> ValidationResult:
@@ -423,7 +431,7 @@ def _describe(
         more = ", ..." if counts and unexpected > shown_count else ""
         return (
             f"column '{column}': {unexpected} {have} labels outside "
-            f"{{{', '.join(LABELS)}}}: {_quote(bad)}{more}",
+            f"{{{', '.join(kwargs.get('value_set') or [])}}}: {_quote(bad)}{more}",
             sorted({str(b) for b in bad}),
         )
     if check == "text_length":

@@ -16,12 +16,15 @@ import numpy as np
 import pytest
 
 from ml.modeling import load_model, predict_proba
-from ml.params import LABELS, load_params
-from ml.training.data import read_table, select_training_rows
+from ml.params import load_params
+from ml.training.data import read_table, read_task_table, select_training_rows
 from ml.training.evaluate import compute_metrics
 from ml.training.train import train_model
 
 REPO = Path(__file__).resolve().parents[2]
+# These checks are the sentiment task's (its model card's known limits quote them).
+PARAMS = load_params(REPO / "params.yaml", task="sentiment")
+LABELS = PARAMS.task.labels
 TRAIN_EXAMPLES = 3000
 SAMPLE = 300  # validation tweets per invariance check
 # Seen on 2026-12-02 with a 3,000-example model: 95.3 % of labels unchanged when @user becomes a
@@ -49,17 +52,18 @@ NEGATION_PAIRS = [
 @pytest.fixture(scope="session")
 def champion(tmp_path_factory: pytest.TempPathFactory):
     """A MiniLM classifier fine-tuned like the pipeline's champion (smaller sample)."""
-    params = load_params(REPO / "params.yaml")
-    tweets = read_table(REPO / params.data.tweets)
+    params = PARAMS
+    tweets = read_task_table(REPO / params.data.train, params.data)
     rows = select_training_rows(tweets, params.data, TRAIN_EXAMPLES, params.data.seed)
     out = tmp_path_factory.mktemp("behavioural-champion")
-    train_model(rows, params.train, out, device_setting="cpu", log_to_mlflow=False, progress=False)
+    train_model(rows, params.train, out, labels=LABELS, device_setting="cpu", log_to_mlflow=False,
+                progress=False)
     return load_model(out)
 
 
 @pytest.fixture(scope="session")
 def val() -> list[str]:
-    return read_table(REPO / "data" / "val.tsv")
+    return read_table(REPO / PARAMS.data.val)
 
 
 def labels_of(champion, texts: list[str]) -> np.ndarray:
@@ -71,7 +75,7 @@ def labels_of(champion, texts: list[str]) -> np.ndarray:
 def test_champion_has_learned_the_task(champion, val) -> None:
     """Guards the invariance checks below: they mean nothing for a model that ignores its input."""
     predicted = [LABELS[i] for i in labels_of(champion, val["text"].tolist())]
-    metrics, _ = compute_metrics(val["label"].tolist(), predicted)
+    metrics, _ = compute_metrics(val["label"].tolist(), predicted, LABELS)
     assert metrics["macro_recall"] >= MIN_MACRO_RECALL, metrics
     assert len(set(predicted)) == len(LABELS)
 
@@ -105,3 +109,11 @@ def test_negation_moves_positive_statements_down(champion) -> None:
     assert (after[:, negative] > before[:, negative]).mean() >= 0.9
     drop = float((before[:, positive] - after[:, positive]).mean())
     assert drop >= 0.2, f"mean drop {drop:.2f} (measured {MEASURED['negation_mean_drop']})"
+
+
+def test_the_model_card_limits_quote_what_was_measured() -> None:
+    """params.yaml's sentiment limits (every version's model card) state these measurements."""
+    limits = " ".join(PARAMS.task.limits)
+    assert f"{MEASURED['mention']:.1%}" in limits and f"{MEASURED['url']:.1%}" in limits
+    assert f"mean drop {MEASURED['negation_mean_drop']:.2f}" in limits
+    assert f"at least {MIN_AGREEMENT:.0%} of labels unchanged" in limits

@@ -26,11 +26,12 @@ from ml import registry
 from ml.db import feedback, get_engine, predictions, shadow_predictions
 from ml.lifecycle import canary, loop
 from ml.lifecycle.outcomes import CanaryAction, MonitorOutcome
-from ml.params import LABELS, LabelParams, load_params
+from ml.params import DEFAULT_LABELS, LabelParams, load_params
 
 HONEST = [f"key-honest{i}" for i in range(5)]
 ATTACKER = "key-attacker"
 DEFAULT = load_params().labels
+LABELS = DEFAULT_LABELS  # the sentiment task's (the prediction rows score these)
 ONE_SOURCE_MAY_DECIDE = LabelParams(sources="all", max_source_share=1.0)
 CHAMPION_ACCURACY = 0.65
 DISCORDANCE = 0.1165  # measured on val.tsv: exactly one of two checkpoints is right (canary_power)
@@ -90,13 +91,13 @@ def log_canary_traffic(
 
 def prediction_row(rid: str, at: datetime, version: str, label: str) -> dict:
     row = {"request_id": rid, "at": at, "model_version": version, "label": label,
-           "score_negative": 0.2, "score_neutral": 0.2, "score_positive": 0.6,
+           "scores": {"negative": 0.2, "neutral": 0.2, "positive": 0.6}, "confidence": 0.6,
            "latency_ms": 20.0}  # fmt: skip
     return row
 
 
 def write(rows: list[dict], shadows: list[dict], labels: list[dict]) -> None:
-    full = [{**r, "model_name": "s", "text": f"text {r['request_id']}", "cached": False}
+    full = [{**r, "model_name": "sentiment", "text": f"text {r['request_id']}", "cached": False}
             for r in rows]  # fmt: skip
     shadow_rows = [{k: v for k, v in r.items()} for r in shadows]
     with get_engine(registry.get_settings().database_url).begin() as conn:

@@ -22,9 +22,11 @@ from typing import Any
 import httpx
 import pytest
 
-from ml.params import LABELS
+from ml.params import load_params
 from scripts.procs import free_port, start_service, terminate_group, wait_http_ok
 from tests.harness.servers import PrivateServices, wait_for
+
+LABELS = load_params().task.labels  # the labels of the task the service serves
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

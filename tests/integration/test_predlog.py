@@ -43,7 +43,7 @@ def records(n: int, *, version: str = "1", text: str = "tweet") -> list[Predicti
             model_version=version,
             text=f"{text} {i}",
             label="neutral",
-            scores=(0.2, 0.5, 0.3),
+            scores={"negative": 0.2, "neutral": 0.5, "positive": 0.3},
             latency_ms=3.5,
         )
         for i in range(n)
@@ -86,9 +86,8 @@ def test_rows_are_written_in_batches_and_never_twice(tmp_path: Path) -> None:
     assert sorted(ids_in(url)) == sorted(r.request_id for r in batch)
     with get_engine(url).connect() as conn:
         row = conn.execute(sa.select(predictions).limit(1)).mappings().one()
-    assert (row["score_negative"], row["score_neutral"], row["score_positive"]) == pytest.approx(
-        (0.2, 0.5, 0.3)
-    )
+    assert row["scores"] == pytest.approx({"negative": 0.2, "neutral": 0.5, "positive": 0.3})
+    assert row["confidence"] == pytest.approx(0.5)
     assert row["model_version"] == "1" and row["latency_ms"] == pytest.approx(3.5)
 
 
@@ -286,7 +285,8 @@ CHILD = textwrap.dedent(
     for i in range(n):  # one call per row, as requests arrive
         log.log_predictions(
             [PredictionRecord(f"{prefix}{i:06d}", now, "sentiment", "1", f"tweet {i}",
-                              "neutral", (0.2, 0.5, 0.3), 3.5)]
+                              "neutral", {"negative": 0.2, "neutral": 0.5, "positive": 0.3},
+                              3.5)]
         )
     for i in range(0, n, 10):
         log.log_feedback(FeedbackRecord(f"{prefix}{i:06d}", "positive"))

@@ -25,12 +25,14 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from ml.params import LABELS
+from ml.params import load_params
 from ml.serving import backends
 from ml.serving.launch import serve_argv
 from ml.serving.provenance import key_id
 from scripts.procs import free_port, terminate_group
 from tests.harness.servers import PrivateServices, wait_for
+
+LABELS = load_params().task.labels  # the labels of the task the service serves
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -246,7 +248,7 @@ def test_predictions_and_feedback_land_in_postgres(stack: Stack) -> None:
     assert first["text"] == "logged tweet one"
     assert first["label"] == preds["predictions"][0]["label"]
     assert first["model_version"] == stack.versions["good"] and first["latency_ms"] > 0
-    assert first["score_positive"] == pytest.approx(
+    assert first["scores"]["positive"] == pytest.approx(
         preds["predictions"][0]["scores"]["positive"], abs=1e-5
     )
     fb = wait_for(lambda: pg_rows(stack, "feedback", ids[:1]), 30, "the feedback row")

@@ -51,7 +51,8 @@ elif door == "predlog":
     s = get_settings()
     log = PredictionLog(s.database_url, s.work_dir / f"spool-{os.getpid()}").start()
     log.log_predictions([PredictionRecord(new_request_id(), datetime.now(tz=UTC), "sentiment",
-                         "1", "a tweet", "neutral", (0.2, 0.5, 0.3), 3.0)])
+                         "1", "a tweet", "neutral",
+                         {"negative": 0.2, "neutral": 0.5, "positive": 0.3}, 3.0)])
     stats = log.close(timeout=60)
     assert stats.written == 1 and stats.pending == 0 and stats.spooled == 0, stats
 else:
@@ -256,8 +257,9 @@ def test_nothing_to_judge_without_a_champion_or_its_traffic(tmp_home: Path,
     now = datetime.now(tz=UTC)
     assert "no traffic" in (loop.nothing_to_judge(now - timedelta(hours=1), now) or "")
     row = {"request_id": "r1", "at": now - timedelta(minutes=5), "model_name": "sentiment",
-           "model_version": info.version, "text": "t", "label": "neutral", "score_negative": 0.2,
-           "score_neutral": 0.5, "score_positive": 0.3, "latency_ms": 1.0, "cached": False}
+           "model_version": info.version, "text": "t", "label": "neutral",
+           "scores": {"negative": 0.2, "neutral": 0.5, "positive": 0.3}, "confidence": 0.5,
+           "latency_ms": 1.0, "cached": False}
     with get_engine(get_settings().database_url).begin() as conn:
         conn.execute(sa.insert(predictions), [row, {**row, "request_id": "r2",
                                                     "model_version": "other"}])

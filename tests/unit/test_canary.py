@@ -134,13 +134,14 @@ def _log_traffic(served: str, other: str, n: int, acc: dict[str, float], start: 
         guess = {v: truth if rng.random() < a else wrong for v, a in acc.items()}
         rid = f"{served}-{i}-{rng.random()}"
         at = start + timedelta(seconds=i)
-        rows.append({"request_id": rid, "at": at, "model_name": "s",
+        rows.append({"request_id": rid, "at": at, "model_name": "sentiment",
                      "model_version": served, "text": f"t{i}", "label": guess[served],
-                     "score_negative": 0.1, "score_neutral": 0.1, "score_positive": 0.8,
-                     "latency_ms": 20.0 + i % 7, "cached": False})
+                     "scores": {"negative": 0.1, "neutral": 0.1, "positive": 0.8},
+                     "confidence": 0.8, "latency_ms": 20.0 + i % 7, "cached": False})
         shadows.append({"request_id": rid, "at": at, "model_version": other,
-                        "label": guess[other], "score_negative": 0.1, "score_neutral": 0.1,
-                        "score_positive": 0.8, "latency_ms": 25.0})
+                        "label": guess[other],
+                        "scores": {"negative": 0.1, "neutral": 0.1, "positive": 0.8},
+                        "confidence": 0.8, "latency_ms": 25.0})
         fb.append({"request_id": rid, "at": at + timedelta(seconds=1), "label": truth,
                    "source": sources[i % len(sources)]})
     with get_engine(registry.get_settings().database_url).begin() as conn:

@@ -21,7 +21,7 @@ from ml.drift.features import DESCRIPTORS, compute_features, text_descriptors
 from ml.drift.quality import quality_signal
 from ml.drift.reference import build_reference
 from ml.drift.window import load_window
-from ml.params import LABELS, DriftParams, load_params
+from ml.params import DEFAULT_LABELS, DriftParams, load_params
 from monitoring.calibrate import out_of_domain_texts
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +45,7 @@ RESULT_KEYS = {
     "report_json",
 }
 SIGNAL_KEYS = {"name", "score", "threshold", "drifted", "detail", "kind"}
+LABELS = DEFAULT_LABELS  # the sentiment task: params.yaml's first
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def tiny_pools(tweets: pd.DataFrame, tiny, params: DriftParams) -> dict[str, pd.
     ood = pd.DataFrame({"text": out_of_domain_texts(250, seed=1), "true_label": None})
 
     def feats(df: pd.DataFrame) -> pd.DataFrame:
-        return compute_features(df, model, tok, max_length=params.max_length)
+        return compute_features(df, model, tok, labels=LABELS, max_length=params.max_length)
 
     return {
         "reference": feats(rows(old.iloc[:1500])),
@@ -125,14 +126,31 @@ def test_features_keep_logged_scores_and_add_the_model_scores_otherwise(tiny) ->
             "score_positive": [0.8, 0.1],
         }
     )
-    f = compute_features(logged, model, tok)
+    f = compute_features(logged, model, tok, labels=LABELS)
     assert f["label"].tolist() == ["positive", "negative"]  # what production answered
     assert f["confidence"].tolist() == pytest.approx([0.8, 0.8])
     assert len([c for c in f.columns if c.startswith("emb_")]) == model.config.hidden_size
-    fresh = compute_features(logged[["text"]], model, tok)
+    fresh = compute_features(logged[["text"]], model, tok, labels=LABELS)
     probs = fresh[["score_negative", "score_neutral", "score_positive"]].to_numpy()
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert set(fresh["label"]) <= set(LABELS)
+
+
+def test_features_need_scores_for_every_label_of_the_task(tiny) -> None:
+    """Rows scored for another task's labels are not this task's answers: the model scores them,
+    and a model for other labels is refused."""
+    model, tok = tiny
+    logged = pd.DataFrame({"text": ["good", "bad"], "score_negative": [0.1, 0.8]})
+    emotion = ("anger", "joy", "optimism", "sadness")
+    with pytest.raises(ValueError, match=r"predicts 3 classes, the task has \['anger'"):
+        compute_features(logged, model, tok, labels=emotion)
+    two = ("negative", "positive")
+    from ml.modeling import tiny_classifier
+
+    f = compute_features(logged, tiny_classifier(seed=3, labels=two), tok, labels=two)
+    assert {"score_negative", "score_positive"} <= set(f.columns) and "score_neutral" not in f
+    assert f["score_negative"].tolist() != [0.1, 0.8]  # scored now, not the partial log
+    assert set(f["label"]) <= set(two)
 
 
 # ------------------------------------------------------------------------- drift / no drift
@@ -181,9 +199,11 @@ def test_real_minilm_embeddings_separate_2016_from_the_training_period(
     new = tweets[tweets["period"] == "2016"]
 
     def feats(df: pd.DataFrame) -> pd.DataFrame:
-        scored = compute_features(rows(df), tiny_model, tok)  # scores from a classifier
+        scored = compute_features(rows(df), tiny_model, tok, labels=LABELS)  # a classifier's
         keep = ["text", "true_label", "label", "score_negative", "score_neutral", "score_positive"]
-        return compute_features(scored[keep], encoder, tok, max_length=params.max_length)
+        return compute_features(
+            scored[keep], encoder, tok, labels=LABELS, max_length=params.max_length
+        )
 
     reference = feats(old.iloc[5000:5800])
     same = compare(feats(old.iloc[6000:6300]), reference, params)
@@ -252,17 +272,24 @@ def _log_window(url: str, df: pd.DataFrame, start: datetime, version: str) -> No
                 "model_version": version,
                 "text": row.text,
                 "label": row.label,
-                "score_negative": row.score_negative,
-                "score_neutral": row.score_neutral,
-                "score_positive": row.score_positive,
+                "scores": {
+                    "negative": row.score_negative,
+                    "neutral": row.score_neutral,
+                    "positive": row.score_positive,
+                },
+                "confidence": max(row.score_negative, row.score_neutral, row.score_positive),
                 "latency_ms": 4.0,
                 "cached": False,
             }
         )
         if isinstance(row.true_label, str):
             fb.append(
-                {"request_id": rid, "at": start + timedelta(seconds=i + 1), "label": row.true_label,
-                 "source": f"k-{i % 5}"}  # five labellers: max_source_share 0.25
+                {
+                    "request_id": rid,
+                    "at": start + timedelta(seconds=i + 1),
+                    "label": row.true_label,
+                    "source": f"k-{i % 5}",
+                }  # five labellers: max_source_share 0.25
             )
     with get_engine(url).begin() as conn:
         conn.execute(sa.insert(predictions), preds)
@@ -338,7 +365,7 @@ def test_run_drift_on_the_prediction_log_writes_reports_mlflow_and_workspace(
     assert DriftResult.from_dict(out).to_dict() == out
 
     report_dir = Path(result.report_dir)
-    assert report_dir.parent == get_settings().reports_dir
+    assert report_dir.parent == get_settings().reports_dir / "sentiment"  # the task's folder
     for name in ("report.html", "report.json", "quality.html", "result.json"):
         assert (report_dir / name).stat().st_size > 0, name
     assert "<html" in Path(result.report_html).read_text()[:2000].lower()
@@ -378,7 +405,7 @@ def test_reference_is_built_once_per_version(tmp_home: Path, tweets: pd.DataFram
     ref_rows = rows(tweets[tweets["period"] == "old"].iloc[:40])
     first = build_reference("3", model=model, tokenizer=tok, rows=ref_rows)
     assert len(first) == 40 and {"label", "confidence", *DESCRIPTORS} <= set(first.columns)
-    cached = list((tmp_home / "reports").glob("reference-v3-*.parquet"))
+    cached = list((tmp_home / "reports").glob("reference-sentiment-v3-*.parquet"))
     assert len(cached) == 1
     # No model this time: only the cache can answer (the registry has no version 3).
     again = build_reference("3", rows=ref_rows)
@@ -405,21 +432,21 @@ def test_reference_rows_leave_out_the_champions_training_batch(
     tweets = tmp_path / "tweets.tsv"
     table.to_csv(tweets, sep="\t", index=False)
     raw = load_params(REPO_ROOT / "params.yaml").model_dump()
-    raw["data"].update(tweets=str(tweets), train_sources=["2013train"])
+    raw["data"].update(train=str(tweets), train_sources=["2013train"])
     raw["drift"] = {**raw.get("drift", {}), "reference_size": 10}
     params = Params.model_validate(raw)
-    batch = get_settings().work_dir / "train_batch.tsv"
+    batch = get_settings().work_dir / "train_batch_sentiment.tsv"
     batch.parent.mkdir(parents=True, exist_ok=True)
     table.iloc[:45][["label", "text"]].to_csv(batch, sep="\t", index=False)
 
     unseen = reference_rows(
-        params=params, run_tags={"driftloop.data.train_batch.tsv": file_md5(batch)}
+        params=params, run_tags={f"driftloop.data.{batch.name}": file_md5(batch)}
     )
     assert len(unseen) == 10 and set(unseen["text"]) <= set(texts[45:60])
     assert "minus the champion's training batch" in unseen.attrs["origin"]
     assert set(unseen["true_label"]) <= set(LABELS)
     # A batch that is not the one the run recorded (other md5) is not trusted to exclude rows.
-    other = reference_rows(params=params, run_tags={"driftloop.data.train_batch.tsv": "0" * 32})
+    other = reference_rows(params=params, run_tags={f"driftloop.data.{batch.name}": "0" * 32})
     assert set(other["text"]) <= set(texts[:60]) and "minus" not in other.attrs["origin"]
     # A run can name its own reference table.
     own = tmp_path / "own.tsv"

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from ml.modeling import load_model, load_tokenizer, predict_proba, save_model, tiny_classifier
+from ml.params import DEFAULT_LABELS
 from ml.serving import backends
 from ml.serving.batcher import MicroBatcher
 from ml.serving.loading import (
@@ -75,10 +76,23 @@ def test_fp32_precision_reproduces_the_reference(tiny_model_dir: Path) -> None:
     np.testing.assert_allclose(fp32.predict(TEXTS), predict_proba(model, tok, TEXTS), atol=1e-5)
 
 
-def test_a_model_with_other_labels_is_refused(tmp_path: Path) -> None:
+def test_a_model_with_other_labels_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
     path = save_model(_two_label_model(), load_tokenizer(), tmp_path / "m")
+    with pytest.raises(ModelLoadError, match=r"predicts \['bad', 'good'\], but its task has"):
+        load_for_serving(path, name="sentiment", version="9", labels=DEFAULT_LABELS)
+    reordered = ("positive", "neutral", "negative")  # the same labels in another output order
     with pytest.raises(ModelLoadError, match="predicts"):
-        load_for_serving(path, name="sentiment", version="9")
+        load_for_serving(tiny_model_dir, name="sentiment", version="1", labels=reordered)
+
+
+def test_a_model_serves_the_labels_of_its_task(tmp_path: Path, served: ServingModel) -> None:
+    assert served.labels == DEFAULT_LABELS  # no labels given: what the model predicts
+    path = save_model(_two_label_model(), load_tokenizer(), tmp_path / "m")
+    two = load_for_serving(path, name="spam", version="1", labels=("bad", "good"))
+    assert two.labels == ("bad", "good")
+    probs = two.predict(TEXTS)
+    assert probs.shape == (len(TEXTS), 2)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
 
 
 def _two_label_model():  # type: ignore[no-untyped-def]

@@ -96,15 +96,16 @@ def test_stale_lock_is_taken_over(tmp_home) -> None:
     assert lock.acquire_retraining("fresh", ttl=timedelta(hours=6)) not in (None, "dead")
 
 
-def _log(rows: list[tuple[str, str, str | None]], at: datetime, prefix: str = "r") -> None:
+def _log(rows: list[tuple[str, str, str | None]], at: datetime, prefix: str = "r",
+         model_name: str = "sentiment") -> None:
     engine = get_engine(get_settings().database_url)
     preds, fbs = [], []
     for i, (text, pred, truth) in enumerate(rows):
         rid = f"{prefix}{i}"
-        preds.append({"request_id": rid, "at": at + timedelta(seconds=i), "model_name": "s",
-                      "model_version": "1", "text": text, "label": pred, "score_negative": 0.2,
-                      "score_neutral": 0.3, "score_positive": 0.5, "latency_ms": 5.0,
-                      "cached": False})
+        preds.append({"request_id": rid, "at": at + timedelta(seconds=i), "model_name": model_name,
+                      "model_version": "1", "text": text, "label": pred,
+                      "scores": {"negative": 0.2, "neutral": 0.3, "positive": 0.5},
+                      "confidence": 0.5, "latency_ms": 5.0, "cached": False})
         if truth is not None:
             fbs.append({"request_id": rid, "at": at + timedelta(seconds=i + 1), "label": truth,
                         "source": f"k-{i % 5}"})  # five labellers: max_source_share 0.25
@@ -130,6 +131,30 @@ def test_labelled_window_becomes_a_validated_batch(tmp_home, tmp_path) -> None:
     assert feedback.feedback_batches(tmp_path) == [out.path]
 
 
+def test_a_labelled_window_holds_only_the_task_s_own_predictions(tmp_home, tmp_path,
+                                                                 monkeypatch) -> None:
+    """Feedback on another task's predictions (same window, same log) is not this task's data."""
+    from ml.params import use_task
+
+    monkeypatch.setenv("DRIFTLOOP_FEEDBACK_DIR", str(tmp_path / "feedback"))  # not data/feedback
+    get_settings.cache_clear()
+    start = datetime(2026, 5, 4, tzinfo=UTC)
+    labels = ("negative", "neutral", "positive")
+    _log([(f"sentiment tweet {i}", labels[i % 3], labels[i % 3]) for i in range(60)], start)
+    emotions = ("anger", "joy", "optimism", "sadness")
+    _log([(f"emotion tweet {i}", emotions[i % 4], emotions[i % 4]) for i in range(80)], start,
+         prefix="e", model_name="emotion")
+    until = start + timedelta(hours=1)
+    table = feedback.labelled_window(start, until)
+    assert len(table) == 60 and set(table["label"]) == set(labels)
+    with use_task("emotion"):
+        table = feedback.labelled_window(start, until)
+        out = feedback.record_labelled_window(start, until, dvc=False)
+    assert len(table) == 80 and set(table["label"]) == set(emotions)
+    assert out.path and out.rows == 80
+    assert os.path.dirname(out.path) == str(tmp_path / "feedback" / "emotion")
+
+
 def test_window_that_fails_the_gate_adds_nothing(tmp_home, tmp_path) -> None:
     start = datetime(2026, 5, 2, tzinfo=UTC)
     _log([(f"only positives {i}", "positive", "positive") for i in range(40)], start)
@@ -152,7 +177,7 @@ def test_a_batch_outside_the_dvc_repo_is_recorded_with_its_md5(tmp_home, tmp_pat
     _log([(f"tweet {i} on the volume", labels[i % 3], labels[i % 3]) for i in range(90)], start)
     out = feedback.record_labelled_window(start, start + timedelta(hours=1))
     path = out.path
-    assert path.startswith(str(tmp_path / "volume" / "feedback"))
+    assert path.startswith(str(tmp_path / "volume" / "feedback" / "sentiment" / "window-"))
     assert out.md5 == hashlib.md5(open(path, "rb").read()).hexdigest()
     assert not os.path.exists(f"{path}.dvc")
     assert feedback.feedback_batches() == [path]

@@ -17,10 +17,11 @@ import pytest
 
 from ml import registry
 from ml.modeling import load_tokenizer, tiny_classifier
-from ml.params import LABELS, Params, load_params
+from ml.params import DEFAULT_LABELS, Params, load_params
 from ml.training import pipeline
 from ml.training.data import file_md5, read_table, write_table
-from ml.training.model_card import KNOWN_LIMITS, ModelCard, render_card
+from ml.training.lineage import TASK_TAG
+from ml.training.model_card import COMMON_LIMITS, ModelCard, render_card
 from ml.training.pipeline import DatasetContext
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,6 +32,7 @@ WORDS = {
 }
 FEEDBACK_ROWS = 12
 REASON = "drift on the 2016 tweets"
+LABELS = DEFAULT_LABELS  # the sentiment task's
 
 
 def _rows(n: int, prefix: str) -> pd.DataFrame:
@@ -49,7 +51,7 @@ def setup(tmp_home: Path, tmp_path: Path) -> tuple[Params, Path, Path, Path]:
     window = write_table(_rows(FEEDBACK_ROWS, "feedback"), tmp_path / "window-1.tsv")
     params = load_params(REPO / "params.yaml")
     data = params.data.model_copy(
-        update={"tweets": str(tweets), "val": str(val), "train_sources": ["s1"]}
+        update={"train": str(tweets), "val": str(val), "train_sources": ["s1"]}
     )
     train = params.train.model_copy(
         update={"max_examples": 60, "epochs": 1, "batch_size": 16, "max_length": 32}
@@ -75,8 +77,9 @@ def registered(setup, tiny_model_dir: Path, tmp_path: Path) -> dict[str, Any]:
     metrics = pipeline.evaluate(trained["run_id"], params)
     champion = registry.register_model_dir(tiny_model_dir, reason="seed")
     registry.set_alias(registry.CHAMPION, champion.version, actor="test", reason="seed")
-    version = pipeline.register(trained["run_id"], reason=REASON, actor="test")
+    version = pipeline.register(trained["run_id"], reason=REASON, actor="test", params=params)
     return {
+        "params": params,
         "batch": batch,
         "trained": trained,
         "metrics": metrics,
@@ -87,10 +90,12 @@ def registered(setup, tiny_model_dir: Path, tmp_path: Path) -> dict[str, Any]:
 
 
 def test_registered_version_description_is_a_model_card(registered) -> None:
-    mv = registry.client().get_model_version(
-        registry.get_settings().model_name, registered["version"]
-    )
+    assert registry.model_name() == "sentiment"  # the default task's registered model
+    mv = registry.client().get_model_version(registry.model_name(), registered["version"])
     card = mv.description
+    task = registered["params"].task
+    assert f"`sentiment`: {task.description} (MLflow task" in card
+    assert "Labels: `negative`, `neutral`, `positive`." in card
     for label in LABELS:
         assert f"`{label}`" in card
     for name in ("val_macro_recall", "val_macro_f1", "val_accuracy"):
@@ -102,7 +107,11 @@ def test_registered_version_description_is_a_model_card(registered) -> None:
     assert f"## Metrics (validation split md5 `{file_md5(files['val'])}`)" in card
     assert f"| recent | {FEEDBACK_ROWS} |" in card
     assert f"champion at registration: v{registered['champion']}" in card
-    assert all(limit in card for limit in KNOWN_LIMITS)
+    assert task.limits and all(limit in card for limit in (*COMMON_LIMITS, *task.limits))
+    assert any("Negation:" in limit for limit in task.limits)  # params.yaml's sentiment limits
+    assert mv.tags[TASK_TAG] == "sentiment"
+    run = registry.client().get_run(registered["trained"]["run_id"])
+    assert run.data.tags[TASK_TAG] == "sentiment"
 
 
 def test_logged_model_has_a_signature_and_the_input_example(registered) -> None:
@@ -189,7 +198,8 @@ def test_a_store_that_refuses_datasets_costs_a_warning_not_the_run(
 
 def _card(**fields: object) -> str:
     """A rendered card: an empty first model, with ``fields`` set."""
-    empty = {"run_id": "r1", "reason": "first model", "labels": LABELS, "metrics": {},
+    empty = {"run_id": "r1", "reason": "first model", "task": "sentiment", "labels": LABELS,
+             "metrics": {},
              "data_mix": {}, "data_hashes": {}, "git_commit": "unknown"}
     return render_card(ModelCard(**{**empty, **fields}))  # type: ignore[arg-type]
 
@@ -214,3 +224,31 @@ def test_card_states_the_feedback_share_of_the_batch() -> None:
     assert (
         "| val_macro_recall | 0.6123 |" in card and "v4 (the version this one challenges)" in card
     )
+
+
+def test_card_names_the_task_its_description_and_its_limits() -> None:
+    card = _card(task="spam", description="Spam or not", labels=("spam", "ham"),
+                 limits=(*COMMON_LIMITS, "Only English."))
+    assert "`spam`: Spam or not (MLflow task `text-classification`)." in card
+    assert "Labels: `spam`, `ham`." in card
+    assert card.endswith(f"## Known limits\n\n- {COMMON_LIMITS[0]}\n- Only English.\n")
+    assert "`sentiment`" not in _card(task="spam")
+
+
+def test_card_for_an_emotion_run_uses_the_emotion_task() -> None:
+    from types import SimpleNamespace
+
+    emotion = load_params(REPO / "params.yaml", task="emotion")
+    sentiment = load_params(REPO / "params.yaml", task="sentiment")
+    run = SimpleNamespace(
+        info=SimpleNamespace(run_id="r9"),
+        data=SimpleNamespace(tags={TASK_TAG: "emotion"}, metrics={"val_macro_f1": 0.7}),
+    )
+    card = pipeline.card_for_run(run, "first emotion model", None, params=emotion)
+    assert card.task == "emotion" and card.labels == ("anger", "joy", "optimism", "sadness")
+    assert card.description == emotion.task.description and card.description
+    assert card.limits == (*COMMON_LIMITS, *emotion.task.limits)
+    assert not set(sentiment.task.limits) & set(card.limits)
+    text = render_card(card)
+    assert "Labels: `anger`, `joy`, `optimism`, `sadness`." in text
+    assert "| val_macro_f1 | 0.7000 |" in text

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from ml.params import DEFAULT_LABELS
 from ml.serving.loading import ModelLoadError
 from ml.serving.pool import ModelPool
 from ml.serving.supervisor import Supervisor
@@ -127,9 +128,9 @@ def test_the_vetter_refuses_what_must_not_reach_the_serving_process(
         VetLimits(max_artifact_mb=50, memory_mb=6144, timeout_s=120),
     )
     try:
-        vetter.vet(tiny_model_dir, Version("sentiment", "1"))
-        with pytest.raises(ModelLoadError, match="predicts"):
-            vetter.vet(broken, Version("sentiment", "2"))
+        vetter.vet(tiny_model_dir, Version("sentiment", "1"), labels=DEFAULT_LABELS)
+        with pytest.raises(ModelLoadError, match=r"predicts \['a', 'b'\], but its task has"):
+            vetter.vet(broken, Version("sentiment", "2"), labels=DEFAULT_LABELS)
         (tmp_path / "huge").mkdir()
         for part in ("config.json", "model.safetensors"):
             with (tmp_path / "huge" / part).open("wb") as f:

@@ -14,11 +14,14 @@ from bentos.sentiment.guard import (
     validate_feedback,
     validate_predict,
 )
+from ml.params import DEFAULT_LABELS
 from ml.serving.cache import MemoryCache, RedisCache, cache_key, make_cache
 from ml.serving.ratelimit import MemoryRateLimiter, RedisRateLimiter
+from ml.serving.schemas import task_types
 from scripts.procs import free_port
 
 LIMITS = Limits(max_texts=3, max_chars=10, max_body_bytes=1000)
+SENTIMENT = task_types("sentiment", DEFAULT_LABELS)
 
 
 @pytest.mark.parametrize(
@@ -58,7 +61,8 @@ def test_a_valid_predict_body_passes() -> None:
 @pytest.mark.parametrize(
     ("body", "words"),
     [
-        ({"request_id": "abc", "label": "happy"}, "unknown label 'happy'"),
+        ({"request_id": "abc", "label": "happy"},
+         "unknown label 'happy': expected one of negative, neutral, positive"),
         ({"request_id": "abc", "label": 1}, "'label' must be a string"),
         ({"request_id": 5, "label": "negative"}, "'request_id' must be a string"),
         ({"request_id": "../etc", "label": "negative"}, "not a request id"),
@@ -67,8 +71,26 @@ def test_a_valid_predict_body_passes() -> None:
 )
 def test_feedback_bodies_are_rejected_with_a_message(body: dict, words: str) -> None:
     with pytest.raises(ClientError) as info:
-        validate_feedback(parse_json(json.dumps(body).encode()))
+        validate_feedback(parse_json(json.dumps(body).encode()), SENTIMENT)
     assert info.value.status == 422 and words in info.value.message
+
+
+def test_feedback_labels_are_the_task_labels() -> None:
+    emotion = task_types("emotion", ("anger", "joy", "optimism", "sadness"))
+    body = parse_json(b'{"request_id": "abc", "label": "joy"}')
+    assert validate_feedback(body, emotion) == ("abc", "joy")
+    with pytest.raises(ClientError) as info:
+        validate_feedback(body, SENTIMENT)
+    assert info.value.status == 422
+    assert "unknown label 'joy': expected one of negative, neutral, positive" in info.value.message
+    sentiment_body = parse_json(b'{"request_id": "abc", "label": "positive"}')
+    assert validate_feedback(sentiment_body, SENTIMENT) == ("abc", "positive")
+    with pytest.raises(ClientError, match="expected one of anger, joy, optimism, sadness"):
+        validate_feedback(sentiment_body, emotion)
+    example = '{"request_id": "...", "label": "anger|joy|optimism|sadness"}'
+    assert emotion.feedback_example == example
+    assert emotion.feedback_request.__name__ == "EmotionFeedbackRequest"
+    assert task_types("emotion", emotion.labels) is emotion  # built once per task
 
 
 # --------------------------------------------------------------------------------------- cache

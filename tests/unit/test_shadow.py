@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ml.params import LABELS
+from ml.params import DEFAULT_LABELS
 from ml.serving.pool import ServingState
 from ml.serving.records import ShadowRecord
 from ml.serving.shadow import (
@@ -30,15 +30,17 @@ from ml.serving.worker import ModelHandle
 CHAMPION = ModelHandle(name="m", version="1", device="cpu", precision="int8", run_id="r1")
 CHALLENGER = ModelHandle(name="m", version="2", device="cpu", precision="int8", run_id="r2")
 CANARY = ServingState(champion=CHAMPION, challenger=CHALLENGER, canary_share=0.2)
+LABELS = DEFAULT_LABELS
 
 
 class FakeProcess:
     """``submit`` answers only when the test says so (``answer``), like a busy model process."""
 
-    def __init__(self, fail: bool = False, auto: bool = False) -> None:
+    def __init__(self, fail: bool = False, auto: bool = False, width: int = len(LABELS)) -> None:
         self.jobs: list[tuple[str, list[str], Future[Any]]] = []
         self.fail = fail
         self.auto = auto  # answer at once
+        self.width = width  # scores per text: the models' labels
 
     def submit(self, key: str, texts: list[str]) -> Future[Any]:
         future: Future[Any] = Future()
@@ -51,8 +53,8 @@ class FakeProcess:
 
     def answer(self, i: int) -> None:
         key, texts, future = self.jobs[i]
-        probs = np.zeros((len(texts), len(LABELS)), dtype=np.float32)
-        probs[:, 2 if key == CHALLENGER.key else 0] = 1.0  # distinct labels per model
+        probs = np.zeros((len(texts), self.width), dtype=np.float32)
+        probs[:, self.width - 1 if key == CHALLENGER.key else 0] = 1.0  # distinct labels per model
         future.set_result(probs)
 
 
@@ -64,10 +66,12 @@ def scorer(
     queue_texts: int = 100,
     is_loaded: Any = lambda key: True,
     dropped: list[tuple[str, int]] | None = None,
+    labels: tuple[str, ...] = LABELS,
 ) -> ShadowScorer:
     return ShadowScorer(
         submit=process.submit,
         log_records=logged.extend,
+        labels=labels,
         share=share,
         queue_texts=queue_texts,
         is_loaded=is_loaded,
@@ -125,8 +129,28 @@ def test_records_carry_the_served_request_ids_and_the_shadow_model() -> None:
         ("rid-2", "1", LABELS[0]),
         ("rid-3", "2", LABELS[2]),
     ]
-    assert logged[0].scores == (1.0, 0.0, 0.0) and logged[0].latency_ms >= 0
+    assert logged[0].scores == {"negative": 1.0, "neutral": 0.0, "positive": 0.0}
+    assert logged[0].latency_ms >= 0
     assert s.stats().shadowed == 3 and s.stats().queued_texts == 0
+
+
+def test_records_name_the_scores_by_the_task_labels() -> None:
+    emotion = ("anger", "joy", "optimism", "sadness")
+    process, logged = FakeProcess(auto=True, width=4), []
+    s = scorer(process, logged, labels=emotion).start()
+    assert s.offer(CANARY, CHALLENGER, ["rid-1"], ["good"])
+    assert s.offer(CANARY, CHAMPION, ["rid-2"], ["bad"])
+    drain(s)
+    assert [(r.request_id, r.label) for r in logged] == [("rid-1", "anger"), ("rid-2", "sadness")]
+    assert logged[1].scores == {"anger": 0.0, "joy": 0.0, "optimism": 0.0, "sadness": 1.0}
+
+
+def test_a_shadow_answer_for_other_labels_is_counted_never_logged() -> None:
+    process, logged, dropped = FakeProcess(auto=True, width=2), [], []
+    s = scorer(process, logged, dropped=dropped).start()  # three labels; the model answers two
+    assert s.offer(CANARY, CHAMPION, ["a"], ["text"])
+    drain(s)
+    assert logged == [] and dropped == [(FAILED, 1)]
 
 
 def test_a_full_queue_drops_the_job_and_counts_it() -> None:
@@ -179,7 +203,9 @@ def test_offer_never_waits_for_a_blocked_model_process() -> None:
         future.set_exception(RuntimeError("gone"))
         return future
 
-    s = ShadowScorer(submit=stuck_submit, log_records=list, share=1.0, queue_texts=4).start()
+    s = ShadowScorer(
+        submit=stuck_submit, log_records=list, labels=LABELS, share=1.0, queue_texts=4
+    ).start()
     done = threading.Event()
 
     def offers() -> None:
@@ -211,7 +237,9 @@ def test_a_dead_process_or_a_missing_model_is_counted_never_raised() -> None:
     def broken(key: str, texts: list[str]) -> Future[Any]:
         raise OSError("pipe closed")
 
-    s = ShadowScorer(submit=broken, log_records=logged.extend, share=1.0, queue_texts=4).start()
+    s = ShadowScorer(
+        submit=broken, log_records=logged.extend, labels=LABELS, share=1.0, queue_texts=4
+    ).start()
     assert s.offer(CANARY, CHAMPION, ["a", "b"], ["x", "y"])
     drain(s)
     assert s.stats().dropped == {FAILED: 2} and s.stats().queued_texts == 0

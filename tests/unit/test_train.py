@@ -90,3 +90,36 @@ def test_cuda_request_without_gpu_is_a_clear_error(tmp_path: Path, tokenizer) ->
     with pytest.raises(RuntimeError, match="no CUDA device"):
         train_model(keyword_table(9), TrainParams(), tmp_path, model=tiny_classifier(),
                     tokenizer=tokenizer, log_to_mlflow=False, device_setting="cuda")
+
+
+def test_training_needs_the_task_labels_or_a_model(tmp_path: Path, tokenizer) -> None:
+    with pytest.raises(ValueError, match="needs the task's labels or a model"):
+        train_model(keyword_table(9), TrainParams(), tmp_path, tokenizer=tokenizer,
+                    log_to_mlflow=False, device_setting="cpu")
+
+
+def test_a_model_for_other_labels_is_refused(tmp_path: Path, tokenizer) -> None:
+    emotion = ("anger", "joy", "optimism", "sadness")
+    with pytest.raises(ValueError, match="the model predicts .*negative.*the task .*anger"):
+        train_model(keyword_table(9), TrainParams(), tmp_path, labels=emotion,
+                    model=tiny_classifier(), tokenizer=tokenizer, log_to_mlflow=False,
+                    device_setting="cpu")
+    with pytest.raises(ValueError, match=r"labels \['negative', 'neutral', 'positive'\] are not"):
+        train_model(keyword_table(9), TrainParams(), tmp_path,
+                    model=tiny_classifier(labels=emotion), tokenizer=tokenizer,
+                    log_to_mlflow=False, device_setting="cpu")
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_a_two_label_task_trains_and_keeps_its_labels(tmp_path: Path, tokenizer) -> None:
+    labels = ("spam", "ham")
+    table = keyword_table(40)
+    table["label"] = ["spam" if label == "positive" else "ham" for label in table["label"]]
+    params = TrainParams(epochs=1, batch_size=16, max_length=32, seed=0)
+    result = train_model(table, params, tmp_path / "model", labels=labels,
+                         model=tiny_classifier(labels=labels), tokenizer=tokenizer,
+                         log_to_mlflow=False, progress=False, device_setting="cpu")
+    assert result.examples == 40
+    model, tok = load_model(tmp_path / "model")
+    assert model.config.id2label == {0: "spam", 1: "ham"}
+    assert predict_proba(model, tok, ["love it", "a table"]).shape == (2, 2)

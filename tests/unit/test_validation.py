@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ml.params import LABELS, ValidationParams, load_params
-from ml.training.data import DataError
+from ml.params import DEFAULT_LABELS, ValidationParams, load_params
+from ml.training.data import DataError, read_table
 from ml.training.validation import (
     ExpectationFailure,
     ValidationFailed,
@@ -22,6 +22,7 @@ from ml.training.validation import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PARAMS = ValidationParams()  # min_rows 20, lengths [1, 1000], dup 5%, class shares [3%, 90%]
+LABELS = DEFAULT_LABELS  # negative, neutral, positive
 
 
 def batch(per_class: int = 10) -> pd.DataFrame:
@@ -46,7 +47,7 @@ def only_failure(result: ValidationResult) -> ExpectationFailure:
 
 def test_valid_batch_passes() -> None:
     df = batch()
-    result = validate_frame(df, PARAMS, name="tiny")
+    result = validate_frame(df, PARAMS, name="tiny", labels=LABELS)
 
     assert result.success, result.reasons()
     assert result.failures == []
@@ -63,7 +64,7 @@ def test_valid_batch_passes() -> None:
 
 @pytest.mark.parametrize("column", ["label", "text"])
 def test_missing_required_column_is_named(column: str) -> None:
-    result = validate_frame(batch().drop(columns=[column]), PARAMS)
+    result = validate_frame(batch().drop(columns=[column]), PARAMS, labels=LABELS)
 
     failure = only_failure(result)  # the column's other checks are not reported as crashes
     assert failure.expectation_type == "expect_column_to_exist"
@@ -81,7 +82,7 @@ def test_unknown_labels_are_listed() -> None:
     df = batch()
     df.loc[[0, 1], "label"] = "happy"
     df.loc[12, "label"] = "sad"
-    failure = only_failure(validate_frame(df, PARAMS))
+    failure = only_failure(validate_frame(df, PARAMS, labels=LABELS))
 
     assert failure.expectation_type == "expect_column_values_to_be_in_set"
     assert failure.check == "label_in_set"
@@ -95,7 +96,7 @@ def test_empty_and_whitespace_only_texts_fail() -> None:
     df = batch()
     df.loc[3, "text"] = ""
     df.loc[4, "text"] = " \t  "
-    failure = only_failure(validate_frame(df, PARAMS))
+    failure = only_failure(validate_frame(df, PARAMS, labels=LABELS))
 
     assert failure.expectation_type == "expect_column_values_to_not_be_null"
     assert failure.check == "not_empty"
@@ -108,7 +109,7 @@ def test_nulls_fail_in_both_columns() -> None:
     df = batch()
     df.loc[5, "label"] = None
     df.loc[6, "text"] = float("nan")
-    result = validate_frame(df, PARAMS)
+    result = validate_frame(df, PARAMS, labels=LABELS)
 
     assert not result.success
     assert {(f.check, f.column) for f in result.failures} == {
@@ -124,10 +125,10 @@ def test_nulls_fail_in_both_columns() -> None:
 def test_length_is_measured_after_stripping() -> None:
     df = batch()
     df.loc[7, "text"] = "   " + "a" * 1000 + "\n"  # 1000 characters once stripped: fine
-    assert validate_frame(df, PARAMS).success
+    assert validate_frame(df, PARAMS, labels=LABELS).success
 
     df.loc[8, "text"] = "b" * 1001
-    failure = only_failure(validate_frame(df, PARAMS))
+    failure = only_failure(validate_frame(df, PARAMS, labels=LABELS))
     assert failure.expectation_type == "expect_column_value_lengths_to_be_between"
     assert failure.column == "text"
     assert failure.observed == 1
@@ -140,10 +141,10 @@ def test_duplicate_share_threshold() -> None:
     df.loc[1, "text"] = df.loc[0, "text"]
     df.loc[2, "text"] = df.loc[0, "text"] + "   "  # same text once stripped
     df.loc[3, "text"] = df.loc[0, "text"]
-    assert validate_frame(df, PARAMS).success
+    assert validate_frame(df, PARAMS, labels=LABELS).success
 
     df.loc[4, "text"] = df.loc[0, "text"]  # 4 of 60 = 6.7%
-    failure = only_failure(validate_frame(df, PARAMS))
+    failure = only_failure(validate_frame(df, PARAMS, labels=LABELS))
     assert failure.expectation_type == "expect_column_proportion_of_unique_values_to_be_between"
     assert failure.check == "duplicate_share"
     assert failure.column == "text"
@@ -154,7 +155,7 @@ def test_duplicate_share_threshold() -> None:
 def test_missing_class_fails() -> None:
     df = batch()
     df = df[df["label"] != "neutral"].reset_index(drop=True)
-    failure = only_failure(validate_frame(df, PARAMS))
+    failure = only_failure(validate_frame(df, PARAMS, labels=LABELS))
 
     assert failure.check == "class_min_share"
     assert failure.column == "label"
@@ -168,7 +169,8 @@ def test_imbalanced_classes_fail_both_bounds() -> None:
         + [("negative", f"bad {i}") for i in range(3)]
         + [("neutral", f"meh {i}") for i in range(2)]
     )
-    result = validate_frame(pd.DataFrame(rows, columns=["label", "text"]), PARAMS)
+    df = pd.DataFrame(rows, columns=["label", "text"])
+    result = validate_frame(df, PARAMS, labels=LABELS)
 
     assert not result.success
     assert {(f.check, f.column) for f in result.failures} == {
@@ -189,7 +191,7 @@ def test_imbalanced_classes_fail_both_bounds() -> None:
 
 
 def test_too_few_rows() -> None:
-    failure = only_failure(validate_frame(batch(per_class=2), PARAMS))
+    failure = only_failure(validate_frame(batch(per_class=2), PARAMS, labels=LABELS))
 
     assert failure.expectation_type == "expect_table_row_count_to_be_between"
     assert failure.column is None
@@ -200,7 +202,7 @@ def test_too_few_rows() -> None:
 def test_failed_message_names_every_failure() -> None:
     df = batch(per_class=2).drop(columns=["label"])
     with pytest.raises(ValidationFailed) as info:
-        require_valid(validate_frame(df, PARAMS, name="broken.tsv"))
+        require_valid(validate_frame(df, PARAMS, name="broken.tsv", labels=LABELS))
     message = str(info.value)
     assert message.startswith("broken.tsv failed validation (2 failed expectation(s) on 6 rows)")
     assert "expect_column_to_exist: column 'label' is missing" in message
@@ -211,15 +213,15 @@ def test_file_that_is_not_a_table_raises_data_error(tmp_path: Path) -> None:
     binary = tmp_path / "weights.tsv"
     binary.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(DataError, match="not UTF-8"):
-        validate_file(binary, PARAMS)
+        validate_file(binary, PARAMS, labels=LABELS)
 
     one_column = tmp_path / "notes.tsv"
     one_column.write_text("just some words\nand some more\n")
     with pytest.raises(DataError, match="found 1 column"):
-        validate_file(one_column, PARAMS)
+        validate_file(one_column, PARAMS, labels=LABELS)
 
     with pytest.raises(DataError, match="no such file"):
-        validate_file(tmp_path / "absent.tsv", PARAMS)
+        validate_file(tmp_path / "absent.tsv", PARAMS, labels=LABELS)
 
 
 def test_validate_file_reads_tsv(tmp_path: Path) -> None:
@@ -227,7 +229,7 @@ def test_validate_file_reads_tsv(tmp_path: Path) -> None:
     df = batch()
     df.loc[0, "text"] = "NA"  # read as the text "NA", not as a null
     df.to_csv(path, sep="\t", index=False)
-    result = validate_file(path, PARAMS)
+    result = validate_file(path, PARAMS, labels=LABELS)
 
     assert result.success, result.reasons()
     assert result.name == str(path)
@@ -238,7 +240,9 @@ def test_data_docs_are_written_where_asked(tmp_path: Path) -> None:
     docs_dir = tmp_path / "docs"
     df = batch()
     df.loc[0, "label"] = "happy"
-    result = validate_frame(df, PARAMS, name="window 7", data_docs_dir=docs_dir)
+    result = validate_frame(
+        df, PARAMS, name="window 7", data_docs_dir=docs_dir, labels=LABELS
+    )
 
     assert result.data_docs == str((docs_dir / "index.html").resolve())
     assert Path(result.data_docs).is_file()
@@ -253,7 +257,7 @@ def test_data_docs_are_written_where_asked(tmp_path: Path) -> None:
 def test_gx_info_logs_are_silenced(caplog: pytest.LogCaptureFixture) -> None:
     logging.getLogger("great_expectations").setLevel(logging.NOTSET)  # undo earlier tests
     with caplog.at_level(logging.INFO):
-        validate_frame(batch(), PARAMS, data_docs_dir=None)
+        validate_frame(batch(), PARAMS, data_docs_dir=None, labels=LABELS)
     noisy = [r for r in caplog.records if r.name.startswith("great_expectations")]
     assert [r for r in noisy if r.levelno < logging.WARNING] == []
     assert any(
@@ -264,7 +268,9 @@ def test_gx_info_logs_are_silenced(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_real_val_set_passes_default_params() -> None:
     params = load_params(REPO_ROOT / "params.yaml")
-    result = validate_file(REPO_ROOT / params.data.val, params.validation)
+    result = validate_file(
+        REPO_ROOT / params.data.val, params.validation, labels=params.task.labels
+    )
 
     assert result.success, result.reasons()
     assert result.rows == 2000
@@ -272,9 +278,34 @@ def test_real_val_set_passes_default_params() -> None:
 
 def test_real_training_sources_pass_default_params() -> None:
     params = load_params(REPO_ROOT / "params.yaml")
-    tweets = pd.read_csv(REPO_ROOT / params.data.tweets, sep="\t", dtype=str, keep_default_na=False)
-    train = tweets[tweets["source"].isin(params.data.train_sources)]
-    result = validate_frame(train, params.validation, name="train_sources")
+    tweets = pd.read_csv(REPO_ROOT / params.data.train, sep="\t", dtype=str, keep_default_na=False)
+    train = tweets[tweets[params.data.time_column].isin(params.data.train_sources)]
+    result = validate_frame(
+        train, params.validation, name="train_sources", labels=params.task.labels
+    )
 
     assert result.success, result.reasons()
     assert result.rows == len(train) > 10_000
+
+
+def test_real_emotion_tables_pass_default_params() -> None:
+    params = load_params(REPO_ROOT / "params.yaml", task="emotion")
+    for path in (params.data.train, params.data.val):
+        result = validate_file(REPO_ROOT / path, params.validation, labels=params.task.labels)
+        assert result.success, (path, result.reasons())
+        assert set(read_table(REPO_ROOT / path)["label"]) == set(params.task.labels)
+
+
+def test_sentiment_labels_fail_the_emotion_suite() -> None:
+    """The label set is the task's: a sentiment batch is not an emotion batch."""
+    emotion = load_params(REPO_ROOT / "params.yaml", task="emotion").task.labels
+    result = validate_frame(batch(), PARAMS, labels=emotion)
+
+    assert not result.success
+    (outside,) = failures_for(result, "label_in_set")
+    assert outside.observed and set(outside.observed) <= set(LABELS)  # the first few shown
+    assert "30 rows have labels outside {anger, joy, optimism, sadness}" in outside.message
+    missing = failures_for(result, "class_min_share")
+    for label in emotion:  # every emotion class is missing, each named once
+        assert sum(f"class '{label}' is missing" in f.message for f in missing) == 1
+    assert len(missing) == len(emotion)
