@@ -54,7 +54,10 @@ def _params_file() -> dict[str, Any]:
 
 def task_names() -> list[str]:
     """The tasks params.yaml declares, the default first (read at parse time)."""
-    return list(_params_file().get("tasks") or {}) or ["sentiment"]
+    raw = _params_file()
+    names = list(raw.get("tasks") or {}) or ["sentiment"]
+    default = raw.get("default_task") or names[0]
+    return [default, *(n for n in names if n != default)]
 
 
 def task_param() -> Any:

@@ -258,7 +258,7 @@ class Params(_Section):
     """``params.yaml`` resolved for one task. Unknown sections are kept."""
 
     task: TaskParams = Field(default_factory=TaskParams)
-    # Every task the file declares, in order; the first is the default one (``/predict``).
+    # Every task the file declares, the default one (``default_task``, else the first) first.
     task_names: tuple[str, ...] = (DEFAULT_TASK,)
     data: DataParams = Field(default_factory=DataParams)
     train: TrainParams = Field(default_factory=TrainParams)
@@ -296,13 +296,18 @@ def _merge(base: Any, override: Any) -> Any:
 
 
 def resolve(raw: dict[str, Any], task: str | None = None) -> Params:
-    """The :class:`Params` of ``task`` (default: the first declared) from a parsed file."""
+    """The :class:`Params` of ``task`` from a parsed file (default: ``default_task``, else the
+    first task declared)."""
     raw = dict(raw)
     declared: dict[str, Any] = raw.pop("tasks", None) or {DEFAULT_TASK: {}}
     if not isinstance(declared, dict):
         raise ValueError("params.yaml: tasks must map each task's name to its settings")
-    names = tuple(declared)
-    name = names[0] if task is None else task
+    default = raw.pop("default_task", None) or next(iter(declared))
+    if default not in declared:
+        raise UnknownTask(str(default), tuple(declared))
+    # The default task first: a file rewritten with sorted keys keeps its default.
+    names = (default, *(n for n in declared if n != default))
+    name = default if task is None else task
     if name not in declared:
         raise UnknownTask(name, names)
     entry = dict(declared[name] or {})

@@ -194,7 +194,7 @@ def _featured_pools(
     data, labels = task.data, task.task.labels
     if not data.time_column:
         raise SystemExit(f"task {task.task.name} has no time column to calibrate drift on")
-    tweets = read_task_table(REPO_ROOT / data.train, data)
+    tweets = read_task_table(REPO_ROOT / data.train, data, training=True)
     time = tweets[data.time_column]
     old = tweets[time.isin(data.train_sources)].sample(frac=1.0, random_state=seed)
     new = tweets[time.isin(data.drift_sources)].sample(frac=1.0, random_state=seed)

@@ -157,7 +157,7 @@ def traffic_tables(work: Path, sizes: dict[str, int], first_batch: Path, seed: i
 
     params = load_params()
     data = params.data
-    tweets = read_task_table(REPO / data.train, data)
+    tweets = read_task_table(REPO / data.train, data, training=True)
     used = set(read_table(first_batch)["text"])
     time = tweets[str(data.time_column)]
     old = tweets[time.isin(data.train_sources) & ~tweets["text"].isin(used)]

@@ -73,7 +73,7 @@ def reference_rows(
         origin = "labelled production windows " + ", ".join(p.name for p in windows)
     else:
         data = params.data
-        table = read_task_table(repo_path(data.train), data)
+        table = read_task_table(repo_path(data.train), data, training=True)
         if data.train_sources and data.time_column:
             table = table[table[data.time_column].isin(data.train_sources)]
             origin = f"{data.train} sources {data.train_sources}"

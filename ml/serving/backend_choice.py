@@ -394,7 +394,7 @@ def read_val(path: str | Path | None = None) -> tuple[list[str], list[str]] | No
         if not path.is_absolute():
             path = get_settings().params_path.parent / path
     try:
-        table = read_task_table(path, data.model_copy(update={"time_column": None}))
+        table = read_task_table(path, data)
     except DataError as exc:
         log.warning("no validation texts to choose a serving backend with (%s)", exc)
         return None

@@ -58,16 +58,17 @@ def read_table(path: str | Path) -> pd.DataFrame:
     return df
 
 
-def read_task_table(path: str | Path, data: DataParams) -> pd.DataFrame:
+def read_task_table(path: str | Path, data: DataParams, *, training: bool = False) -> pd.DataFrame:
     """A task's table with its text and label columns named ``text`` and ``label``.
 
-    Its time column, where the task has one, is kept as it is named; a missing column is a
+    Its time column, where the task has one, is kept as it is named, and the task's training
+    table (``training``) must have it when sources are picked by it; a missing column is a
     :class:`DataError` that names the columns found.
     """
     table = read_table(path)
     wanted = {data.text_column: "text", data.label_column: "label"}
     missing = [c for c in wanted if c not in table.columns]
-    if data.time_column and (data.train_sources or data.drift_sources):
+    if training and data.time_column and (data.train_sources or data.drift_sources):
         missing += [data.time_column] if data.time_column not in table.columns else []
     if missing:
         raise DataError(f"{path}: no column {missing}; it has {list(table.columns)}")
@@ -211,7 +212,7 @@ def prepare_training_batch(
     ``extra_paths`` are labelled batches, oldest first (:func:`training_rows` keeps the newest);
     ``labels`` are the task's (the batch's class counts are given for each).
     """
-    tweets = read_task_table(tweets_path, data)
+    tweets = read_task_table(tweets_path, data, training=True)
     extra = [read_table(p) for p in (extra_paths or [])]
     limit = max_examples if max_examples is not None else train.max_examples
     rows, mix = training_rows(tweets, data, limit, data.seed, extra)

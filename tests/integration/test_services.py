@@ -167,9 +167,11 @@ def test_tmp_home_points_settings_at_tmp_path(tmp_home, tmp_path):
 
 
 def test_tiny_model_dir_loads_as_a_three_class_classifier(tiny_model_dir):
-    from ml.modeling import ID2LABEL, load_model
+    from ml.modeling import label_maps, load_model, model_labels
+    from ml.params import DEFAULT_LABELS
 
     model, tokenizer = load_model(tiny_model_dir)
-    assert model.config.id2label == ID2LABEL
+    assert model.config.id2label == label_maps(DEFAULT_LABELS)[0]
+    assert model_labels(model) == DEFAULT_LABELS == ("negative", "neutral", "positive")
     assert model.config.num_labels == 3
     assert tokenizer("good day")["input_ids"][0] == tokenizer.cls_token_id

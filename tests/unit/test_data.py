@@ -204,11 +204,12 @@ def test_a_task_table_names_its_own_columns(tmp_path: Path) -> None:
     assert table["label"].tolist() == ["joy", "anger"] and table["text"].tolist() == ["yay", "grr"]
     with pytest.raises(DataError, match=r"no column \['text'\]; it has"):
         read_task_table(src, DataParams(time_column=None))
-    # A time column is needed only when the task splits on it.
+    # A time column is needed only in the training table of a task that splits on it (a
+    # validation table has none: data/val.tsv).
+    splits = data.model_copy(update={"time_column": "source", "train_sources": ["2013train"]})
     with pytest.raises(DataError, match=r"no column \['source'\]"):
-        read_task_table(
-            src, data.model_copy(update={"time_column": "source", "train_sources": ["2013train"]})
-        )
+        read_task_table(src, splits, training=True)
+    assert len(read_task_table(src, splits)) == 2
     assert len(read_task_table(src, data.model_copy(update={"time_column": "source"}))) == 2
 
 

@@ -108,9 +108,11 @@ class FaultLab:
 
         from ml import registry
         from ml.modeling import load_tokenizer, new_classifier, save_model
+        from ml.params import load_params
 
         torch.manual_seed(0)
-        path = save_model(new_classifier(), load_tokenizer(), self.work / "model-good")
+        labels = load_params().task.labels  # the served (default) task's
+        path = save_model(new_classifier(labels), load_tokenizer(), self.work / "model-good")
         with self.client_env():
             info = registry.register_model_dir(
                 path, reason="load test: MiniLM with a fresh head", metrics={"macro_recall": 0.33}
