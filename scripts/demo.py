@@ -284,6 +284,7 @@ def run_steps(
     """The five steps; each appends its outcome to ``record["steps"]``."""
     from ml.lifecycle.outcomes import MonitorOutcome as M
     from ml.lifecycle.outcomes import TrainOutcome
+    from ml.training.pipeline import default_batch_path
 
     trained = tuple(TrainOutcome)
     monitored = (M.NO_DRIFT, M.RETRAIN, M.RETRAINING_IN_PROGRESS, M.ROLLBACK)
@@ -305,7 +306,7 @@ def run_steps(
             "outcome": outcome(tasks, trained),
         }
     )
-    tables = traffic_tables(work, sizes, settings.work_dir / "train_batch.tsv", args.seed)
+    tables = traffic_tables(work, sizes, default_batch_path(), args.seed)
 
     with Service(args.service_port, logs / "service.log", env) as service:
         from ml.registry import CHAMPION, get_alias

@@ -50,7 +50,7 @@ def reference_rows(
     """
     import pandas as pd
 
-    from ml.settings import REPO_ROOT, get_settings
+    from ml.settings import REPO_ROOT
     from ml.training.data import file_md5, read_table, read_task_table
 
     params = params or load_params()
@@ -79,7 +79,9 @@ def reference_rows(
             origin = f"{data.train} sources {data.train_sources}"
         else:
             origin = data.train
-        batch = get_settings().work_dir / f"train_batch_{params.task.name}.tsv"
+        from ml.training.pipeline import default_batch_path
+
+        batch = default_batch_path(params)
         md5 = run_tags.get(f"{DATA_TAG_PREFIX}{batch.name}")
         if md5 and batch.is_file() and file_md5(batch) == md5:
             unseen = table[~table["text"].isin(set(read_table(batch)["text"]))]

@@ -61,6 +61,12 @@ def _repo_path(path: str | Path) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+def default_batch_path(params: Params | None = None) -> Path:
+    """Where :func:`prepare` writes a task's training batch unless told otherwise."""
+    params = params or load_params()
+    return get_settings().ensure_home() / "work" / f"train_batch_{params.task.name}.tsv"
+
+
 def prepare(
     out_path: str | Path | None = None,
     extra_paths: list[str] | None = None,
@@ -69,9 +75,7 @@ def prepare(
 ) -> PreparedBatch:
     """Carve the task's training batch out of its training table (plus extra labelled batches)."""
     params = params or load_params()
-    settings = get_settings()
-    work = settings.ensure_home() / "work"
-    out = Path(out_path) if out_path else work / f"train_batch_{params.task.name}.tsv"
+    out = Path(out_path) if out_path else default_batch_path(params)
     return prepare_training_batch(
         _repo_path(params.data.train),
         out,
