@@ -123,12 +123,14 @@ def main(
     ] = False,
 ) -> None:
     """driftloop command line."""
-    from ml.params import UnknownTask, select_task
+    from ml.params import UnknownTask, load_params, select_task
 
     logs.configure(verbose, log_format)
     _offline_defaults()
     try:
-        select_task(task)
+        # --task pins the task for the command; without it the usual order applies
+        # (DRIFTLOOP_TASK, then default_task), checked here so a wrong name fails at once.
+        select_task(task) if task else load_params()
     except UnknownTask as exc:
         raise _fail(str(exc), code=2) from None
 

@@ -221,6 +221,8 @@ def test_commands_that_print_results_take_json() -> None:
         "replay",
         "drift",
         "reports",
+        "db upgrade",
+        "db current",
     }
 
 

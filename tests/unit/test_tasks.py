@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
+import ml.params
 from ml import registry
 from ml.params import (
     DEFAULT_LABELS,
@@ -70,15 +72,23 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def fresh_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
-    """No task or params file from the environment; the settings cache cleared before and after
-    (``get_settings`` is cached, so a variable set in a test is read only after a clear)."""
+    """No task chosen and no task or params file from the environment; the settings cache
+    cleared before and after (``get_settings`` is cached, so a variable set in a test is read
+    only after a clear).
+
+    The chosen task is a context variable: an in-process CLI run in an earlier test
+    (``select_task`` in the CLI's callback) leaves it set in pytest's context, so it is unset
+    here and restored after.
+    """
+    token = ml.params._current_task.set(None)
     monkeypatch.delenv("DRIFTLOOP_TASK", raising=False)
     monkeypatch.delenv("DRIFTLOOP_PARAMS", raising=False)
     get_settings.cache_clear()
     yield monkeypatch
     get_settings.cache_clear()
+    ml.params._current_task.reset(token)
 
 
 @pytest.fixture
@@ -137,6 +147,20 @@ def test_the_default_task_is_the_first_declared(two_tasks: Path) -> None:
     assert all(isinstance(p, Params) for p in tasks.values())
     assert tasks["spam"].task.labels == ("spam", "ham") and tasks["news"].train.epochs == 3
     assert current_task() is None  # nothing chose one: the default applies
+
+
+def test_default_task_names_the_default_whatever_the_key_order(tmp_path: Path) -> None:
+    """A file rewritten with sorted keys keeps its default: ``default_task`` says which."""
+    path = write(tmp_path / "params.yaml", "default_task: spam\n" + TWO_TASKS)
+    params = load_params(path)
+    assert params.task.name == "spam" and params.task.labels == ("spam", "ham")
+    assert params.task_names == ("spam", "news")  # the default first
+    assert list(load_tasks(path)) == ["spam", "news"]
+    assert load_params(path, task="news").task.name == "news"
+
+    unknown = write(tmp_path / "unknown.yaml", "default_task: nope\n" + TWO_TASKS)
+    with pytest.raises(UnknownTask, match=r"'nope'; params.yaml declares \['news', 'spam'\]"):
+        load_params(unknown, task="news")
 
 
 def test_an_unknown_task_names_the_declared_ones(two_tasks: Path) -> None:
@@ -259,6 +283,9 @@ def test_the_driftloop_task_variable_selects_the_task(
 def test_the_real_params_declare_sentiment_first_and_emotion() -> None:
     tasks = load_tasks(REPO / "params.yaml")
     assert list(tasks)[:2] == ["sentiment", "emotion"]
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert list(raw["tasks"])[:2] == ["sentiment", "emotion"]  # declared first, in the file
+    assert raw.get("default_task", "sentiment") == "sentiment"
     assert load_params(REPO / "params.yaml").task.name == "sentiment"
 
     sentiment, emotion = tasks["sentiment"], tasks["emotion"]
