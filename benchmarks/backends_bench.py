@@ -175,6 +175,7 @@ def accuracy(
     model_dir: Path, model: Any, tokenizer: Any, texts: list[str], labels: list[str]
 ) -> dict[str, dict[str, float]]:
     """Macro-recall and agreement with fp32 of every backend that runs here (one thread)."""
+    from ml.params import load_params
     from ml.serving import backend_choice, backends
     from ml.serving.tuning import set_torch_threads
 
@@ -182,7 +183,9 @@ def accuracy(
     try:
         runners, _ = bench_runners(model, model_dir, 1, backends.cpu_flags())
         predicted = {
-            name: backend_choice.labels_of(r, tokenizer, texts, batch_size=32, max_length=64)
+            name: backend_choice.labels_of(
+                r, tokenizer, texts, load_params().task.labels, batch_size=32, max_length=64
+            )
             for name, r in runners.items()
             if name != "torchao-int8" or backends.cpu_flags() & INT8_DOT_FLAGS
         }
@@ -202,6 +205,7 @@ def choose_model(work: Path) -> tuple[Path, str, bool]:
     """``(model dir, what it is, trained)``: the champion, else MiniLM with a fresh head."""
     from ml.artifacts import cached_model_dir
     from ml.modeling import load_tokenizer, new_classifier, save_model
+    from ml.params import load_params
     from ml.registry import get_alias
 
     try:
@@ -212,7 +216,7 @@ def choose_model(work: Path) -> tuple[Path, str, bool]:
         log.info("no usable registry (%s)", exc)
     path = work / "minilm-fresh-head" / "model"
     if not (path / "config.json").is_file():
-        save_model(new_classifier(), load_tokenizer(), path)
+        save_model(new_classifier(load_params().task.labels), load_tokenizer(), path)
     return path, "untrained all-MiniLM-L6-v2 + fresh 3-class head", False
 
 

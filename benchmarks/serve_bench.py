@@ -425,6 +425,7 @@ def choose_model(work: Path) -> ModelChoice:
     a throwaway registry (the project's registry is never written)."""
     from ml import registry
     from ml.modeling import load_tokenizer, new_classifier, save_model
+    from ml.params import load_params
     from ml.settings import get_settings
 
     settings = get_settings()
@@ -442,7 +443,7 @@ def choose_model(work: Path) -> ModelChoice:
             {"MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri},
         )
     log.info("no champion: benchmarking untrained all-MiniLM-L6-v2 with a fresh 3-class head")
-    path = save_model(new_classifier(), load_tokenizer(), work / "base")
+    path = save_model(new_classifier(load_params().task.labels), load_tokenizer(), work / "base")
     with throwaway_registry(work) as env:
         version = registry.register_model_dir(path, reason="serving benchmark")
         registry.set_alias("champion", version.version, actor="serve_bench", reason="benchmark")

@@ -78,7 +78,7 @@ def summary(tasks: dict[str, str | None]) -> int:
             if k.startswith("val_")
         }
         lines += [
-            f"  champion: {settings.model_name} v{champion.version} (run {champion.run_id})",
+            f"  champion: {champion.name} v{champion.version} (run {champion.run_id})",
             f"  validation macro-recall: {metrics.get('macro_recall')}  "
             f"macro-F1: {metrics.get('macro_f1')}  accuracy: {metrics.get('accuracy')}",
             f"  per-class recall: negative {metrics.get('recall_negative')}, "

@@ -57,6 +57,7 @@ def spam_task(tmp_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     monkeypatch.setenv("DRIFTLOOP_PARAMS", str(path))
+    monkeypatch.setenv("DRIFTLOOP_FEEDBACK_DIR", str(tmp_path / "feedback"))
     get_settings.cache_clear()
     return path
 
