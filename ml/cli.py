@@ -583,14 +583,14 @@ def stage_train(
     ),
 ) -> None:
     """Fine-tune on the batch and save the model to a folder DVC tracks; print it (JSON)."""
-    from ml.modeling import base_model_path
     from ml.params import load_params
     from ml.settings import get_settings
     from ml.training.data import read_table
+    from ml.training.pipeline import base_checkpoint
     from ml.training.train import train_model
 
     params = load_params()
-    base = base_model_path(get_settings().base_model or params.task.base_model)
+    base = base_checkpoint(params)
     result = train_model(
         read_table(batch),
         params.train,

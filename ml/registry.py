@@ -244,7 +244,7 @@ def register_model(
     mlc = client(settings)
     name = name or model_name()
     try:
-        mlc.create_registered_model(name, description="driftloop's tweet sentiment classifier")
+        mlc.create_registered_model(name, description=f"driftloop's {name} classifier")
     except Exception:  # noqa: BLE001 - already registered
         pass
     all_tags = {"reason": reason, **(tags or {})}

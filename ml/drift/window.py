@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from ml.drift.features import compute_features, has_features
+from ml.drift.features import compute_features, has_features, score_columns
 from ml.drift.reference import champion_version
 from ml.label_policy import counted_mask
 from ml.params import DriftParams, load_params
@@ -96,14 +96,13 @@ def load_window(
     for r in rows:
         record = dict(r)
         scores = record.pop("scores") or {}
-        for label, score in scores.items():
-            labels.setdefault(label)
-            record[f"score_{label}"] = score
+        labels.update(dict.fromkeys(scores))
+        record.update(zip(score_columns(list(scores)), scores.values(), strict=True))
         records.append(record)
     columns: list[str] = []
     for c in predictions.columns:
         if c.name == "scores":
-            columns += [f"score_{label}" for label in labels]
+            columns += score_columns(list(labels))
         elif c.name != "confidence":
             columns.append(c.name)
     columns += ["true_label", "feedback_at"]

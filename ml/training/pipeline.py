@@ -61,6 +61,14 @@ def _repo_path(path: str | Path) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+def base_checkpoint(params: Params | None = None) -> str:
+    """The checkpoint a task fine-tunes from: ``DRIFTLOOP_BASE_MODEL``, else its ``base_model``."""
+    from ml.modeling import base_model_path
+
+    params = params or load_params()
+    return base_model_path(get_settings().base_model or params.task.base_model)
+
+
 def default_batch_path(params: Params | None = None) -> Path:
     """Where :func:`prepare` writes a task's training batch unless told otherwise."""
     params = params or load_params()
@@ -128,9 +136,7 @@ def train(
     train_params = params.train.model_copy(update={"epochs": epochs}) if epochs else params.train
     settings = get_settings()
     registry.ensure_experiment(settings)
-    from ml.modeling import base_model_path
-
-    base = base_model_path(settings.base_model or params.task.base_model)
+    base = None if model is not None and tokenizer is not None else base_checkpoint(params)
     table = read_table(batch_path)
     hashes = dict(batch_inputs or {})
     hashes.setdefault(str(batch_path), file_md5(batch_path))

@@ -129,9 +129,10 @@ def train_model(
             raise ValueError("train_model needs the task's labels or a model to fine-tune")
         model = new_classifier(labels, base_model)
     tokenizer = tokenizer or load_tokenizer(base_model)
-    _, label2id = label_maps(model_labels(model))
-    if labels is not None and tuple(labels) != model_labels(model):
-        raise ValueError(f"the model predicts {list(model_labels(model))}, the task {list(labels)}")
+    predicted = model_labels(model)
+    if labels is not None and tuple(labels) != predicted:
+        raise ValueError(f"the model predicts {list(predicted)}, the task {list(labels)}")
+    _, label2id = label_maps(predicted)
     unknown = sorted(set(table["label"]) - set(label2id))
     if unknown:
         raise ValueError(f"labels {unknown[:5]} are not the task's {list(label2id)}")
