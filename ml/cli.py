@@ -143,7 +143,7 @@ def validate(
     """Validate a labelled batch. Exit 0 valid, 1 invalid, 2 unreadable."""
     from ml.params import load_params
     from ml.settings import get_settings
-    from ml.training.data import DataError
+    from ml.tables import DataError
     from ml.training.validation import validate_file
 
     try:
@@ -423,7 +423,7 @@ def replay(
 ) -> None:
     """Send a table's texts to a running service as production traffic (one per request)."""
     from ml.serving.replay import replay as do_replay
-    from ml.training.data import DataError
+    from ml.tables import DataError
 
     try:
         summary = do_replay(
@@ -585,7 +585,7 @@ def stage_train(
     """Fine-tune on the batch and save the model to a folder DVC tracks; print it (JSON)."""
     from ml.params import load_params
     from ml.settings import get_settings
-    from ml.training.data import read_table
+    from ml.tables import read_table
     from ml.training.pipeline import base_checkpoint
     from ml.training.train import train_model
 

@@ -20,6 +20,13 @@ from ml.serving.provenance import parse_api_keys
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def project_path(path: str | Path) -> Path:
+    """A path from params.yaml (a task's tables): as given when absolute, else under the
+    project root, where ``make data`` and DVC put the files, wherever params.yaml itself is."""
+    path = Path(path)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
 class Settings(BaseSettings):
     """Where driftloop keeps its state and which services it talks to.
 

@@ -188,7 +188,7 @@ def _featured_pools(
     from ml.modeling import base_model_path, load_model, load_tokenizer
     from ml.params import load_params
     from ml.settings import REPO_ROOT
-    from ml.training.data import read_task_table
+    from ml.tables import read_task_table
 
     task = load_params()
     data, labels = task.data, task.task.labels

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,12 +85,32 @@ class AirflowAPI:
             self.http.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False})
         return dag
 
-    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
-        resp = self.http.post(
-            f"/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf or {}}
-        )
-        resp.raise_for_status()
-        return str(resp.json()["dag_run_id"])
+    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None, attempts: int = 4) -> str:
+        """Start a run of ``dag_id`` with ``conf``; return its run id.
+
+        The run id is chosen here, so a try the API server answered with a 5xx (SQLite metadata
+        locked by a busy scheduler, seen under CI load) can be asked about and tried again
+        without ever starting the run twice.
+        """
+        run_id = f"manual__{datetime.now(tz=UTC):%Y-%m-%dT%H:%M:%S.%f}_{uuid.uuid4().hex[:8]}"
+        body = {"dag_run_id": run_id, "logical_date": None, "conf": conf or {}}
+        for attempt in range(1, attempts + 1):
+            resp = self.http.post(f"/api/v2/dags/{dag_id}/dagRuns", json=body)
+            if resp.status_code < 500 and resp.status_code != 409:
+                resp.raise_for_status()
+                return str(resp.json()["dag_run_id"])
+            if self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}").status_code == 200:
+                return run_id  # the failed-looking try did start it
+            if attempt == attempts:
+                resp.raise_for_status()
+            log.warning(
+                "triggering %s answered %d (%s); trying again",
+                dag_id,
+                resp.status_code,
+                resp.text[:200],
+            )
+            time.sleep(2.0 * attempt)
+        raise AssertionError("unreachable")
 
     def _hitl_path(self, dag_id: str, run_id: str, task_id: str) -> str:
         return f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/-1/hitlDetails"

@@ -50,8 +50,8 @@ def reference_rows(
     """
     import pandas as pd
 
-    from ml.settings import REPO_ROOT
-    from ml.training.data import file_md5, read_table, read_task_table
+    from ml.settings import project_path
+    from ml.tables import file_md5, read_table, read_task_table
 
     params = params or load_params()
     dparams = DriftParams.from_params(params)
@@ -59,21 +59,17 @@ def reference_rows(
         run_tags = _run_tags(version)
     run_tags = run_tags or {}
 
-    def repo_path(p: str) -> Path:
-        path = Path(p)
-        return path if path.is_absolute() else REPO_ROOT / path
-
     tagged = run_tags.get(REFERENCE_TAG)
     windows = _training_windows(run_tags, params) if dparams.reference_from_windows else []
     if tagged:
-        table = read_table(repo_path(tagged))
+        table = read_table(project_path(tagged))
         origin = f"{tagged} (tag {REFERENCE_TAG})"
     elif windows:
         table = pd.concat([read_table(p) for p in windows], ignore_index=True)
         origin = "labelled production windows " + ", ".join(p.name for p in windows)
     else:
         data = params.data
-        table = read_task_table(repo_path(data.train), data, training=True)
+        table = read_task_table(project_path(data.train), data, training=True)
         if data.train_sources and data.time_column:
             table = table[table[data.time_column].isin(data.train_sources)]
             origin = f"{data.train} sources {data.train_sources}"

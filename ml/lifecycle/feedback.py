@@ -134,7 +134,7 @@ def _row_problems(table: Any, rules: Any, labels: Sequence[str]) -> list[str]:
 
 
 def _unusable(path: Path, rules: Any, labels: Sequence[str]) -> str | None:
-    from ml.training.data import DataError, read_table
+    from ml.tables import DataError, read_table
 
     try:
         table = read_table(path)
@@ -163,7 +163,7 @@ def record_labelled_window(
     added. Inside the DVC repo the file is tracked with ``dvc add``; elsewhere (a volume of the
     compose stack) its md5 is recorded, so the data version is known either way.
     """
-    from ml.training.data import read_table, write_table
+    from ml.tables import read_table, write_table
     from ml.training.validation import validate_frame
 
     params = params or load_params()
@@ -206,7 +206,7 @@ def _md5(path: Path) -> str:
 
 def _dvc_add(path: Path) -> str | None:
     """``dvc add`` the file (local cache; the shared remote is read-only); return its md5."""
-    from ml.training.data import dvc_hash
+    from ml.tables import dvc_hash
 
     try:
         subprocess.run(

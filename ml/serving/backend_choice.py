@@ -381,18 +381,18 @@ def _measure(
     return out
 
 
-def read_val(path: str | Path | None = None) -> tuple[list[str], list[str]] | None:
-    """``(texts, labels)`` of the task's validation table (``data.val`` by default), or None
-    when it is missing or unreadable."""
+def read_val(
+    path: str | Path | None = None, task: str | None = None
+) -> tuple[list[str], list[str]] | None:
+    """``(texts, labels)`` of a task's validation table (``path``, else its ``data.val``), read
+    with the task's columns (``task``: the current one when None), or None when it is missing
+    or unreadable."""
     from ml.params import load_params
-    from ml.settings import get_settings
-    from ml.training.data import DataError, read_task_table
+    from ml.settings import project_path
+    from ml.tables import DataError, read_task_table
 
-    data = load_params().data
-    if path is None:
-        path = Path(data.val)
-        if not path.is_absolute():
-            path = get_settings().params_path.parent / path
+    data = load_params(task=task).data
+    path = project_path(data.val if path is None else path)
     try:
         table = read_task_table(path, data)
     except DataError as exc:

@@ -175,6 +175,7 @@ def load_for_serving(
     threads: int | None = None,
     val_path: str | Path | None = None,
     max_recall_drop: float = 0.01,
+    task: str | None = None,
 ) -> ServingModel:
     """Load an HF classifier dir for serving and check that it answers sensibly.
 
@@ -232,6 +233,7 @@ def load_for_serving(
             fixed=fixed,
             threads=threads,
             val_path=val_path,
+            task=task,
             batch_size=batch_size,
             max_length=max_length,
             max_recall_drop=max_recall_drop,
@@ -274,12 +276,13 @@ def _auto_backend(
     fixed: str,
     threads: int | None,
     val_path: str | Path | None,
+    task: str | None,
     batch_size: int,
     max_length: int,
     max_recall_drop: float,
 ) -> tuple[str, str]:
     """``(backend, how it was chosen)`` for ``precision="auto"`` on CPU."""
-    val = backend_choice.read_val(val_path)
+    val = backend_choice.read_val(val_path, task=task)
     if val is None:
         log.warning("serving backend: no validation texts to measure on, so %s (fixed)", fixed)
         return fixed, "fixed default: no validation texts"

@@ -19,7 +19,7 @@ from typing import Any
 
 from ml.params import load_params
 from ml.serving.provenance import key_id
-from ml.training.data import read_table
+from ml.tables import read_table
 
 
 @dataclass

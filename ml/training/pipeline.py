@@ -15,16 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from ml import registry
 from ml.params import Params, load_params
-from ml.settings import REPO_ROOT, get_settings
-from ml.training.data import (
-    DataError,
-    PreparedBatch,
-    dvc_hash,
-    file_md5,
-    prepare_training_batch,
-    read_table,
-    read_task_table,
-)
+from ml.settings import get_settings, project_path
+from ml.tables import DataError, dvc_hash, file_md5, read_table, read_task_table
+from ml.training.data import PreparedBatch, prepare_training_batch
 from ml.training.evaluate import EvalResult, evaluate_model
 from ml.training.lineage import (
     DATA_TAG_PREFIX,
@@ -56,11 +49,6 @@ class DatasetContext(StrEnum):
     FEEDBACK = "feedback"
 
 
-def _repo_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path if path.is_absolute() else REPO_ROOT / path
-
-
 def base_checkpoint(params: Params | None = None) -> str:
     """The checkpoint a task fine-tunes from: ``DRIFTLOOP_BASE_MODEL``, else its ``base_model``."""
     from ml.modeling import base_model_path
@@ -85,12 +73,12 @@ def prepare(
     params = params or load_params()
     out = Path(out_path) if out_path else default_batch_path(params)
     return prepare_training_batch(
-        _repo_path(params.data.train),
+        project_path(params.data.train),
         out,
         params.data,
         params.train,
         params.task.labels,
-        extra_paths=[str(_repo_path(p)) for p in (extra_paths or [])],
+        extra_paths=[str(project_path(p)) for p in (extra_paths or [])],
         max_examples=max_examples,
     )
 
@@ -140,7 +128,7 @@ def train(
     table = read_table(batch_path)
     hashes = dict(batch_inputs or {})
     hashes.setdefault(str(batch_path), file_md5(batch_path))
-    val_path = _repo_path(params.data.val)
+    val_path = project_path(params.data.val)
     val = read_task_table(val_path, params.data)
     curve_sample = val.sample(n=min(500, len(val)), random_state=params.data.seed)
     mix = {f"{MIX_TAG_PREFIX}{part}": str(n) for part, n in (batch_mix or {}).items()}
@@ -236,8 +224,8 @@ def _log_datasets(
     from mlflow.exceptions import MlflowException
 
     batch = str(batch_path)
-    val_path, val_hash = _repo_path(params.data.val), val_md5(params)
-    base = str(_repo_path(params.data.train))
+    val_path, val_hash = project_path(params.data.val), val_md5(params)
+    base = str(project_path(params.data.train))
     feedback_files = {p: md5 for p, md5 in hashes.items() if p not in (batch, base)}
     feedback = _feedback_rows(table, feedback_files, mix)
     try:
@@ -287,7 +275,7 @@ def evaluate_dir(model_dir: str | Path, params: Params | None = None) -> EvalRes
     from ml.modeling import load_model, resolve_device
 
     params = params or load_params()
-    val_path = _repo_path(params.data.val)
+    val_path = project_path(params.data.val)
     model, tokenizer = load_model(model_dir, str(resolve_device(get_settings().device)))
     md5 = dvc_hash(val_path) or file_md5(val_path)
     return evaluate_model(
@@ -319,7 +307,7 @@ def evaluate(run_id: str, params: Params | None = None) -> dict[str, float]:
 
 def val_md5(params: Params) -> str:
     """The md5 of the validation split: which data a model's ``val_*`` metrics were scored on."""
-    val_path = _repo_path(params.data.val)
+    val_path = project_path(params.data.val)
     return dvc_hash(val_path) or file_md5(val_path)
 
 
@@ -373,6 +361,14 @@ def register(
     name = params.task.registered_name
     mlc = registry.client()
     run = mlc.get_run(run_id)
+    trained_for = run.data.tags.get(TASK_TAG)
+    if trained_for is not None and trained_for != params.task.name:
+        # Labels, thresholds and the registered model are the task's: another task's run
+        # would become a version that cannot answer with this task's labels.
+        raise registry.RegistryError(
+            f"run {run_id} trained a model for task {trained_for!r}, not {params.task.name!r}; "
+            f"register it under its own task (--task {trained_for})"
+        )
     metric = f"val_{params.promotion.metric}"
     if metric not in run.data.metrics:
         raise registry.RegistryError(

@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlparse
 import pandas as pd
 
 from ml.params import ValidationParams
-from ml.training.data import read_table
+from ml.tables import read_table
 
 if TYPE_CHECKING:
     import great_expectations as gx

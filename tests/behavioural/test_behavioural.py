@@ -17,7 +17,8 @@ import pytest
 
 from ml.modeling import load_model, predict_proba
 from ml.params import load_params
-from ml.training.data import read_table, read_task_table, select_training_rows
+from ml.tables import read_table, read_task_table
+from ml.training.data import select_training_rows
 from ml.training.evaluate import compute_metrics
 from ml.training.train import train_model
 

@@ -8,15 +8,8 @@ import pandas as pd
 import pytest
 
 from ml.params import DEFAULT_LABELS, DataParams, TrainParams, load_params
-from ml.training.data import (
-    DataError,
-    dvc_hash,
-    file_md5,
-    prepare_training_batch,
-    read_table,
-    read_task_table,
-    training_rows,
-)
+from ml.tables import DataError, dvc_hash, file_md5, read_table, read_task_table
+from ml.training.data import prepare_training_batch, training_rows
 
 REPO = Path(__file__).resolve().parents[2]
 LABELS = DEFAULT_LABELS

@@ -418,7 +418,7 @@ def test_reference_rows_leave_out_the_champions_training_batch(
     from ml.drift.reference import REFERENCE_TAG, reference_rows
     from ml.params import Params
     from ml.settings import get_settings
-    from ml.training.data import file_md5
+    from ml.tables import file_md5
 
     texts = [f"tweet number {i}" for i in range(80)]
     table = pd.DataFrame(

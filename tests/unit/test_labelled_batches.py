@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ml.lifecycle import feedback
-from ml.training.data import normalise_text, read_table, write_table
+from ml.tables import normalise_text, read_table, write_table
 from tests.unit.test_loop import _log
 
 NASTY = [

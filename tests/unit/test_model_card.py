@@ -18,8 +18,8 @@ import pytest
 from ml import registry
 from ml.modeling import load_tokenizer, tiny_classifier
 from ml.params import DEFAULT_LABELS, Params, load_params
+from ml.tables import file_md5, read_table, write_table
 from ml.training import pipeline
-from ml.training.data import file_md5, read_table, write_table
 from ml.training.lineage import TASK_TAG
 from ml.training.model_card import COMMON_LIMITS, ModelCard, render_card
 from ml.training.pipeline import DatasetContext

@@ -131,6 +131,24 @@ def test_register_is_idempotent_for_a_run(tmp_home, tiny_model_dir) -> None:
     assert len(registry.audit_log(alias="challenger")) == 1
 
 
+def test_a_run_registers_only_under_the_task_it_trained_for(tmp_home, tiny_model_dir) -> None:
+    import mlflow
+
+    from ml.training.lineage import TASK_TAG
+
+    registry.ensure_experiment()
+    with mlflow.start_run() as run:
+        uri = registry.log_model_dir(tiny_model_dir)
+        mlflow.set_tags({pipeline.MODEL_URI_TAG: uri, TASK_TAG: "sentiment"})
+        mlflow.log_metric("val_macro_recall", 0.5)
+        mlflow.log_metric("val_macro_f1", 0.5)
+    emotion = load_params(REPO / "params.yaml", task="emotion")
+    with pytest.raises(registry.RegistryError, match="task 'sentiment', not 'emotion'"):
+        pipeline.register(run.info.run_id, reason="r", actor="t", params=emotion)
+    assert registry.list_versions("emotion") == []
+    assert pipeline.register(run.info.run_id, reason="r", actor="t")["version"] == "1"
+
+
 def test_downloaded_model_loads_and_predicts(tmp_home, tiny_model_dir) -> None:
     from ml.modeling import load_model, predict_proba
 

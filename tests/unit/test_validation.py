@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from ml.params import DEFAULT_LABELS, ValidationParams, load_params
-from ml.training.data import DataError, read_table
+from ml.tables import DataError, read_table
 from ml.training.validation import (
     ExpectationFailure,
     ValidationFailed,
