@@ -1,7 +1,8 @@
 """The service's front door: API keys and their roles, rate limits, the media type and body
 limits, then the body's shape.
 
-An ASGI middleware in front of ``/predict``, ``/feedback`` and ``/admin/*`` that answers every
+An ASGI middleware in front of ``/predict``, ``/feedback``, ``/tasks/<name>/*`` and ``/admin/*``
+that answers every
 client mistake itself with a 4xx naming the problem, so none becomes a 500 (the statuses are
 listed in docs/serving.md). The body's shape is checked against the API's own pydantic types.
 It hands the endpoint the caller's source id (:func:`source_of`), which labels record, and puts
@@ -38,6 +39,7 @@ Send = Callable[[Message], Any]
 ROLE_NEEDED = {"predict": PREDICT, "feedback": FEEDBACK, "admin": ADMIN}
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 ENDPOINT_PATHS = {"predict": "/predict", "feedback": "/feedback", "admin": "/admin/*"}
+TASK_PREFIX = "/tasks/"
 # Where the guard leaves the caller's source id for the endpoint: the request's state, which
 # only the server writes (a client cannot choose its own source id).
 SOURCE_STATE = "driftloop_source"
@@ -51,12 +53,22 @@ _MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,64}/[A-Za-z0-9!#$&^_.+-]{1,64}
 PREDICT_EXAMPLE = '{"texts": ["some text", ...]}'
 
 
-def served_types() -> TaskTypes:
-    """The request and answer types of the task this service serves (the current task)."""
-    from ml.params import load_params
+def served_types() -> dict[str, TaskTypes]:
+    """The request and answer types of every task the service serves, the default task (the
+    current one: ``DRIFTLOOP_TASK``, else ``default_task``) first."""
+    from ml.params import load_params, load_tasks
 
-    task = load_params().task
-    return task_types(task.name, task.labels)
+    main = load_params().task.name
+    tasks = load_tasks()
+    return {
+        name: task_types(name, tasks[name].task.labels)
+        for name in (main, *(n for n in tasks if n != main))
+    }
+
+
+def task_not_found(name: str, known: Any) -> str:
+    """The 404 message for a task the service does not serve."""
+    return f"no task {name!r} is served here; the tasks are {list(known)}"
 
 
 @dataclass(frozen=True)
@@ -279,11 +291,13 @@ class RequestGuard:
         app: Any,
         settings: Settings | None = None,
         on_reject: Callable[[str, int, str], None] | None = None,
-        types: TaskTypes | None = None,
+        types: dict[str, TaskTypes] | None = None,
     ) -> None:
         self.app = app
         self.settings = settings or get_settings()
+        # Each task's types, the default task (at /predict and /feedback) first.
         self.types = types or served_types()
+        self.main = next(iter(self.types))
         self.keys = self.settings.api_key_roles
         self.limits = Limits.from_settings(self.settings)
         self.on_reject = on_reject
@@ -298,20 +312,34 @@ class RequestGuard:
             )
         return self._limiter
 
-    @staticmethod
-    def endpoint(path: str) -> str | None:
-        """The guarded endpoint a path belongs to, or None for open paths."""
+    def route(self, path: str) -> tuple[str | None, str | None]:
+        """The guarded endpoint a path belongs to (None for open paths) and the task it is for.
+
+        Raises :class:`ClientError` (404) for ``/tasks/<name>/...`` of a task not served.
+        """
         if path in ("/predict", "/feedback"):
-            return path[1:]
+            return path[1:], self.main
         if path == "/admin" or path.startswith("/admin/"):
-            return "admin"
-        return None
+            return "admin", None
+        if path.startswith(TASK_PREFIX):
+            name, _, op = path[len(TASK_PREFIX) :].partition("/")
+            if name not in self.types:
+                raise ClientError(404, task_not_found(name, self.types), "unknown_task")
+            return (op, name) if op in ("predict", "feedback") else (None, name)
+        return None, None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan" and not self._hoist_tried:
             self._hoist_tried = True
             self._hoist(scope)
-        endpoint = self.endpoint(scope.get("path", "")) if scope["type"] == "http" else None
+        endpoint: str | None = None
+        task: str | None = None
+        if scope["type"] == "http":
+            try:
+                endpoint, task = self.route(scope.get("path", ""))
+            except ClientError as exc:
+                await self._refuse(send, "tasks", exc)
+                return
         if endpoint is None:
             await self.app(scope, receive, send)
             return
@@ -331,15 +359,9 @@ class RequestGuard:
                 if endpoint == "predict":
                     validate_predict(obj, self.limits)
                 else:
-                    validate_feedback(obj, self.types)
+                    validate_feedback(obj, self.types[task or self.main])
         except ClientError as exc:
-            if self.on_reject is not None:
-                try:
-                    self.on_reject(endpoint, exc.status, exc.reason)
-                except Exception:  # noqa: BLE001 - metrics never fail a request
-                    log.exception("reject callback failed")
-            headers = getattr(exc, "headers", None)
-            await send_json(send, exc.status, {"error": exc.message}, headers)
+            await self._refuse(send, endpoint, exc)
             return
         except _Disconnected:
             return
@@ -357,6 +379,15 @@ class RequestGuard:
             headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
             scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         await self.app(scope, _replay(body, receive), send)
+
+    async def _refuse(self, send: Send, endpoint: str, exc: ClientError) -> None:
+        if self.on_reject is not None:
+            try:
+                self.on_reject(endpoint, exc.status, exc.reason)
+            except Exception:  # noqa: BLE001 - metrics never fail a request
+                log.exception("reject callback failed")
+        headers = getattr(exc, "headers", None)
+        await send_json(send, exc.status, {"error": exc.message}, headers)
 
     def _hoist(self, scope: Scope) -> None:
         """Put :class:`~bentos.sentiment.boundary.HttpBoundary` around the whole app.

@@ -21,8 +21,8 @@ class ServiceMetrics:
 
         self.predictions = Counter(
             "driftloop_predictions",
-            "Predictions served, by label and model version",
-            ["label", "model_version"],
+            "Predictions served, by task, label and model version",
+            ["task", "label", "model_version"],
         )
         self.latency = Histogram(
             "driftloop_request_latency_seconds",
@@ -62,8 +62,8 @@ class ServiceMetrics:
         )
         self.inference_errors = Counter(
             "driftloop_inference_errors",
-            "Requests whose inference failed, by model version",
-            ["model_version"],
+            "Requests whose inference failed, by task and model version",
+            ["task", "model_version"],
         )
         self.swaps = Counter(
             "driftloop_model_swaps",
@@ -76,7 +76,8 @@ class ServiceMetrics:
         )
         self.canary_share = Gauge(
             "driftloop_canary_share",
-            "Share of requests routed to the challenger",
+            "Share of a task's requests routed to its challenger",
+            ["task"],
             multiprocess_mode="mostrecent",
         )
         self.shadow_scored = Counter(

@@ -174,29 +174,42 @@ class PredictionLog:
             last_error=self._last_error,
         )
 
-    def has_prediction(self, request_id: str) -> bool | None:
-        """Whether a prediction with this id is logged or waiting to be; None if unknown.
+    def has_prediction(self, request_id: str, model_name: str | None = None) -> bool | None:
+        """Whether a prediction with this id (made by ``model_name``'s versions, when given) is
+        logged or waiting to be; None if unknown.
 
         None means the database could not be asked (the caller decides what to do then).
         """
+
+        def matches(row: dict[str, Any]) -> bool:
+            return row["request_id"] == request_id and (
+                model_name is None or row.get("model_name") == model_name
+            )
+
         with self._cond:
-            if any(k == PREDICTION and r["request_id"] == request_id for k, r in self._queue):
+            if any(k == PREDICTION and matches(r) for k, r in self._queue):
                 return True
+        query = sa.select(predictions.c.request_id).where(predictions.c.request_id == request_id)
+        if model_name is not None:
+            query = query.where(predictions.c.model_name == model_name)
         try:
             with self._engine().connect() as conn:
-                found = conn.execute(
-                    sa.select(predictions.c.request_id).where(
-                        predictions.c.request_id == request_id
-                    )
-                ).first()
+                found = conn.execute(query).first()
         except Exception as exc:  # noqa: BLE001 - any failure means "cannot tell"
             log.debug("cannot look up request %s: %s", request_id, exc)
             return None
         if found is not None:
             return True
         for path in self._spool_files():
-            if request_id in path.read_text(encoding="utf-8"):
-                return True
+            for line in path.read_text(encoding="utf-8").split("\n"):
+                if request_id not in line:
+                    continue
+                try:
+                    kind, row = decode(line)
+                except (ValueError, KeyError, TypeError):
+                    continue  # torn or unreadable: the writer sets it aside
+                if kind == PREDICTION and matches(row):
+                    return True
         return False
 
     def label_for(self, request_id: str) -> str | None:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -59,6 +60,8 @@ import requests
 SCHEMA_PATH = "/docs.json"  # where BentoML 1.4 serves the service's OpenAPI document
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 GUARDED_PATHS = ("/predict", "/feedback")
+# Each task's own routes, /tasks/<name>/predict and /tasks/<name>/feedback, are guarded alike.
+TASK_ROUTE = re.compile(r"/tasks/[^/]+/(predict|feedback)")
 # A hang counts as a failure: the tiny and the real model answer in well under a second here.
 REQUEST_TIMEOUT_S = 20.0
 BODY_EXCERPT = 160
@@ -85,7 +88,12 @@ ERROR_BODY = {
 
 def is_guarded(path: str) -> bool:
     """Whether the guard asks for an API key on ``path`` (mirrors ``RequestGuard.endpoint``)."""
-    return path in GUARDED_PATHS or path == "/admin" or path.startswith("/admin/")
+    return (
+        path in GUARDED_PATHS
+        or TASK_ROUTE.fullmatch(path) is not None
+        or path == "/admin"
+        or path.startswith("/admin/")
+    )
 
 
 # ------------------------------------------------------------------------------------- results
@@ -212,7 +220,10 @@ def guard_contract(document: dict[str, Any]) -> dict[str, Any]:
             continue
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
-            statuses = {**GUARD_STATUSES, **ENDPOINT_STATUSES.get(path, {})}
+            own = ENDPOINT_STATUSES.get(path) or ENDPOINT_STATUSES.get(
+                "/feedback" if path.endswith("/feedback") else path, {}
+            )
+            statuses = {**GUARD_STATUSES, **own}
             for status, description in statuses.items():
                 responses.setdefault(
                     status,

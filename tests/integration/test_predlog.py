@@ -27,7 +27,7 @@ import sqlalchemy as sa
 
 from ml.db import feedback, get_engine, predictions
 from ml.serving.predlog import PredictionLog
-from ml.serving.records import FeedbackRecord, PredictionRecord, encode, new_request_id
+from ml.serving.records import PREDICTION, FeedbackRecord, PredictionRecord, encode, new_request_id
 from tests.harness.servers import PrivateServices
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -114,6 +114,26 @@ def test_the_first_label_stands_and_orphan_labels_are_set_aside(tmp_path: Path) 
     assert log.has_prediction(rec.request_id) is True
     assert log.has_prediction("f" * 32) is False
     assert log.label_for("f" * 32) is None
+    # A task asks about its own model's predictions only (feedback on /tasks/<name>/feedback).
+    assert log.has_prediction(rec.request_id, model_name="sentiment") is True
+    assert log.has_prediction(rec.request_id, model_name="emotion") is False
+
+
+def test_a_prediction_waiting_in_memory_or_a_spool_file_is_known_to_its_model_only(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    log = PredictionLog(url, tmp_path / "spool", flush_interval=3600)  # the writer never runs
+    (waiting,) = records(1)
+    log.log_predictions([waiting])
+    assert log.has_prediction(waiting.request_id, model_name="sentiment") is True
+    assert log.has_prediction(waiting.request_id, model_name="emotion") is False
+    (spooled,) = records(1, text="spooled")
+    spool = tmp_path / "spool"
+    spool.mkdir(exist_ok=True)
+    (spool / "0001-1.jsonl").write_text(encode((PREDICTION, spooled.to_row())) + "\n")
+    assert log.has_prediction(spooled.request_id, model_name="sentiment") is True
+    assert log.has_prediction(spooled.request_id, model_name="emotion") is False
 
 
 def test_an_unreachable_database_spools_and_a_new_process_writes_the_spool(tmp_path: Path) -> None:
