@@ -24,6 +24,9 @@ person. Unanswered, it is rejected after `promotion.approval_timeout_hours`.
 `evaluate` only reads the evidence and applies the canary rule; `decide` follows the outcome it
 names, and only the `canary_promoted` and `canary_rolled_back` tasks move an alias. Every
 decision they act on is written to the audit table with its evidence (`driftloop audit`).
+
+A scheduled run judges the default task and triggers one run per other task
+(`trigger_other_tasks`, docs/tasks.md); a triggered run judges its `task` param only.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from _driftloop import (
     START,
     actor,
     approval_task,
+    cover_other_tasks,
     for_task,
     request_approval,
     schedule_from_params,
@@ -120,6 +124,7 @@ def canary_rollout() -> None:
         EmptyOperator(task_id=CanaryOutcome.APPROVED),
         EmptyOperator(task_id=CanaryOutcome.REJECTED),
     ]
+    cover_other_tasks("canary_rollout")
 
 
 canary_rollout()

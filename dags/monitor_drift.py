@@ -25,6 +25,9 @@ the lock; `decide` follows the outcome it names.
 Each report (HTML + JSON) lands in `DRIFTLOOP_HOME/reports/<time>/`, in MLflow next to the
 version it judged, and in the Evidently workspace (`driftloop reports`). Window and schedule:
 `drift:` in params.yaml; params `since`/`until` (ISO, UTC) override the window.
+
+A scheduled run judges the default task and triggers one run per other task
+(`trigger_other_tasks`, docs/tasks.md); a triggered run judges its `task` param only.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from _driftloop import (
     DEFAULT_ARGS,
     START,
     actor,
+    cover_other_tasks,
     for_task,
     schedule_from_params,
     set_run_note,
@@ -168,6 +172,7 @@ def monitor_drift() -> None:
         rollback(decision),
     ]
     conf >> trigger_train_model >> release_retraining(token)
+    cover_other_tasks("monitor_drift")
 
 
 monitor_drift()

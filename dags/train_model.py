@@ -96,8 +96,8 @@ def train_model() -> None:
     def validate(batch: dict) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
+        from ml.tables import DataError
         from ml.training import pipeline
-        from ml.training.data import DataError
         from ml.training.validation import ValidationFailed
 
         try:
