@@ -58,7 +58,7 @@ demo: setup ## The whole loop: train, serve, drift, retrain, canary, damaged-mod
 demo-train: setup ## Only the first step: train_model with the default parameters
 	@$(STACK) && $(PY) -m scripts.demo_train
 
-demo-fast: setup ## The same loop with smaller samples (about 20 min on 2 CPU cores)
+demo-fast: setup ## The same loop with smaller samples (about 25 min on 2 CPU cores)
 	@$(STACK) && $(PY) -m scripts.demo --fast
 
 demo-check: venv ## Check the last demo's summary: each step's expected outcome, no failed task try

@@ -5,10 +5,14 @@
 Passes only when the steps are the expected ones, in order, each with its expected outcome
 (first model promoted, no drift on same-period traffic, retraining on 2016 traffic, the retrained
 model on canary and promoted there, the damaged model kept out by the offline gate and rolled
-back on canary), and when no task try and no DAG run failed. Prints one line per check with the
-expected and the seen value; exits 0 when all hold, 1 when one does not, 2 when the summary cannot
-be read. Used by CI (``.ci/run``) and ``make demo-check``. Standard library only (and
-:mod:`ml.lifecycle.outcomes`, itself standard library only).
+back on canary; then the second task, emotion: its first model promoted, served by the same
+service beside sentiment (503 before its champion, then answers with its four labels while
+``/predict`` answers with sentiment's three), drift found in its shifted window and the
+retraining that started kept out by the offline gate), and when no task try and no DAG run
+failed. Prints one line per check with the expected and the seen value; exits 0 when all hold,
+1 when one does not, 2 when the summary cannot be read. Used by CI (``.ci/run``) and
+``make demo-check``. Standard library only (and :mod:`ml.lifecycle.outcomes`, itself standard
+library only).
 """
 
 from __future__ import annotations
@@ -32,7 +36,20 @@ EXPECTED_STEPS: tuple[tuple[str, str], ...] = (
     ("canary", CanaryOutcome.PROMOTED),
     ("damaged model, offline gate", TrainOutcome.KEPT_CHAMPION),
     ("damaged model, canary", CanaryOutcome.ROLLED_BACK),
+    # The second task (params.yaml ``tasks:``) on the same service.
+    ("emotion model", TrainOutcome.PROMOTED),
+    ("emotion traffic", "served"),
+    ("emotion shifted traffic", MonitorOutcome.RETRAIN),
+    ("emotion retraining", TrainOutcome.KEPT_CHAMPION),
 )
+# Each task's labels as params.yaml declares them (in the model's output order; a unit test
+# keeps them in step): what the one service's answers for that task must name.
+TASK_LABELS: dict[str, tuple[str, ...]] = {
+    "sentiment": ("negative", "neutral", "positive"),
+    "emotion": ("anger", "joy", "optimism", "sadness"),
+}
+# Before the second task's first champion, its endpoint answers this (no model yet).
+NOT_YET_SERVED = 503
 
 
 def default_path() -> Path:
@@ -49,6 +66,14 @@ def _try_line(t: dict[str, Any]) -> str:
         f"{t.get('dag_id')}.{t.get('task_id')}{mapped} try {t.get('try_number')}: "
         f"{t.get('state')} (run {t.get('run_id')})"
     )
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def check(summary: dict[str, Any]) -> tuple[list[str], bool]:
@@ -99,6 +124,35 @@ def check(summary: dict[str, Any]) -> tuple[list[str], bool]:
             f"{test.get('log_wealth_not_worse', float('nan')):.2f} vs bound "
             f"{test.get('bound', float('nan')):.2f}",
         )
+
+    served = next(
+        (s for s in steps if isinstance(s, dict) and s.get("step") == "emotion traffic"), None
+    )
+    if served is not None:
+        before = served.get("before_champion")
+        line(
+            before == NOT_YET_SERVED,
+            "emotion before its champion",
+            f"HTTP {NOT_YET_SERVED}",
+            f"HTTP {before}",
+        )
+        answers = _dict(served.get("answers"))
+        for task, labels in TASK_LABELS.items():
+            got = _dict(answers.get(task))
+            seen, predicted = _list(got.get("labels")), _list(got.get("predicted"))
+            passed = (
+                got.get("status") == 200
+                and sorted(seen) == sorted(labels)
+                and bool(predicted)
+                and set(predicted) <= set(labels)
+            )
+            line(
+                passed,
+                f"{task} answers' labels",
+                ", ".join(labels),
+                f"HTTP {got.get('status')} {got.get('path')}: {', '.join(map(str, seen))}"
+                f" (predicted {', '.join(sorted(set(map(str, predicted))))})",
+            )
 
     tries = summary.get("failed_tries")
     if not isinstance(tries, list):

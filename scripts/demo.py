@@ -9,18 +9,28 @@
    feedback, then ``canary_rollout`` promotes it on live evidence;
 5. a deliberately damaged model (trained on shuffled labels) is stopped by the offline gate,
    then forced onto canary traffic anyway: ``canary_rollout`` removes it on live evidence;
-6. a summary of every model version, why it exists, its metrics, every alias move and every
-   drift report, and where to look; every run of the three DAGs since the demo started (the
-   scheduled ones too) with its final state, and every task try that failed, also when a retry
-   fixed it. Nothing is broken on purpose at the task level (the damaged model is stopped by
-   decisions), so any failed try, or any failed run, makes the demo exit 1. Also when a step
-   fails midway, the runs and failed tries so far are listed. All of it goes to
+6. the second task, ``emotion`` (params.yaml ``tasks:``), on the same running service: before
+   its first model ``/tasks/emotion/predict`` answers 503; ``train_model`` with
+   ``{"task": "emotion"}`` trains and promotes its champion, the service picks it up beside the
+   sentiment champion, and held-out emotion tweets are replayed to ``/tasks/emotion/...`` with
+   feedback; both tasks answer side by side, each with its own labels;
+7. 2016 sentiment tweets (a window the emotion model never saw the like of) are posted to the
+   emotion endpoint: ``monitor_drift`` with ``{"task": "emotion"}`` finds drift and triggers
+   ``train_model`` for emotion, which the demo follows to its end. The shifted window brings
+   no emotion labels, and the demo's parameters give this retraining a small budget
+   (``tasks.emotion.train`` there) to keep within time: the offline gate keeps the champion;
+8. a summary of every model version of both tasks, why it exists, its metrics, every alias move
+   and every drift report, and where to look; every run of the three DAGs since the demo
+   started (the scheduled ones too) with its final state, and every task try that failed, also
+   when a retry fixed it. Nothing is broken on purpose at the task level (the damaged model is
+   stopped by decisions), so any failed try, or any failed run, makes the demo exit 1. Also
+   when a step fails midway, the runs and failed tries so far are listed. All of it goes to
    ``$DRIFTLOOP_HOME/demo/summary.json`` (``scripts/check_demo.py`` checks it).
 
 The demo drives every DAG run itself: it turns the schedules of ``monitor_drift`` and
 ``canary_rollout`` off in its parameters file, so no scheduled run decides between two steps.
 
-``--fast`` keeps the same steps with smaller samples (about 20 minutes on 2 CPU cores).
+``--fast`` keeps the same steps with smaller samples (about 25 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ml.params import load_params, use_task
 from scripts.airflow_api import TERMINAL, AirflowAPI, LocalAirflow, print_progress
 from scripts.procs import start_service, terminate_group, wait_for, wait_http_ok
 
@@ -45,10 +56,14 @@ DAGS = ("train_model", "monitor_drift", "canary_rollout")
 # The demo's service runs with API keys: one client predicts, five labelling teams send labels
 # (labels.max_source_share in params.yaml: no one source may decide alone), one operator.
 APP_KEY = "demo-app-key"
+OPS_KEY = "demo-ops-key"
 LABELLER_KEYS = [f"demo-labeller-{i}-key" for i in range(1, 6)]
 API_KEYS = ",".join(
-    [f"{APP_KEY}:predict", "demo-ops-key:admin", *(f"{k}:feedback" for k in LABELLER_KEYS)]
+    [f"{APP_KEY}:predict", f"{OPS_KEY}:admin", *(f"{k}:feedback" for k in LABELLER_KEYS)]
 )
+# The second task the demo shows beside the default one (params.yaml ``tasks:``): its labels,
+# data and registered model's name come from there.
+SECOND_TASK = "emotion"
 
 
 def say(message: str) -> None:
@@ -60,8 +75,14 @@ def now() -> str:
     return datetime.now(tz=UTC).isoformat()
 
 
+def task_base(url: str, task: str | None) -> str:
+    """Where a task's ``/predict``, ``/feedback`` and ``/model`` hang on a service at ``url``:
+    the root for the default task (None), ``/tasks/<task>`` for a named one."""
+    return url if task is None else f"{url}/tasks/{task}"
+
+
 class Service:
-    """``bentoml serve`` of the sentiment service in the background."""
+    """``bentoml serve`` of the service (every declared task) in the background."""
 
     def __init__(self, port: int, log_path: Path, env: dict[str, str]) -> None:
         self.url = f"http://127.0.0.1:{port}"
@@ -80,25 +101,63 @@ class Service:
         )
         return self
 
-    def model(self) -> dict[str, Any]:
+    def model(self, task: str | None = None) -> dict[str, Any]:
+        """``GET /model`` (``/tasks/<task>/model``); a non-200 answer as its status and body."""
         import httpx
 
-        return dict(httpx.get(f"{self.url}/model", timeout=10).json())
+        url = f"{task_base(self.url, task)}/model"
+        resp = httpx.get(url, timeout=10)
+        if resp.status_code in (401, 403):  # /model is open; a task's may want a key
+            resp = httpx.get(url, timeout=10, headers={"X-API-Key": APP_KEY})
+        if resp.status_code != 200:
+            return {"status": resp.status_code, "body": resp.text[:300]}
+        return dict(resp.json())
 
-    def wait_serving(self, champion: str, challenger: str | None = None, timeout: float = 300):
-        """Until /model reports the given champion (and challenger, or none)."""
+    def predict(self, texts: list[str], task: str | None = None) -> Any:
+        """``POST /predict`` (``/tasks/<task>/predict``) with the app's key: the response."""
+        import httpx
+
+        return httpx.post(
+            f"{task_base(self.url, task)}/predict",
+            json={"texts": texts},
+            headers={"X-API-Key": APP_KEY},
+            timeout=30,
+        )
+
+    def reload(self) -> str:
+        """``POST /admin/reload``: check the registry for every task now, not at the next poll."""
+        import httpx
+
+        try:
+            resp = httpx.post(
+                f"{self.url}/admin/reload", headers={"X-API-Key": OPS_KEY}, timeout=60
+            )
+        except httpx.HTTPError as exc:
+            return type(exc).__name__
+        return f"HTTP {resp.status_code}"
+
+    def wait_serving(
+        self,
+        champion: str,
+        challenger: str | None = None,
+        timeout: float = 300,
+        task: str | None = None,
+    ) -> dict[str, Any]:
+        """Until /model (``/tasks/<task>/model``) reports the given champion (and challenger,
+        or none)."""
 
         def serving() -> dict[str, Any] | None:
-            info = self.model()
+            info = self.model(task)
             champ = (info.get("champion") or {}).get("version")
             chall = (info.get("challenger") or {}).get("version")
             ok = champ == champion and (challenger is None or chall == challenger)
             return info if ok else None
 
+        what = f"champion v{champion}" + (f" of task {task}" if task else "")
         try:
-            return wait_for(serving, f"champion v{champion}", timeout, every=2, retry_on=())
+            return wait_for(serving, what, timeout, every=2, retry_on=())
         except TimeoutError as exc:
-            raise TimeoutError(f"{exc}: the service is still on {self.model()}") from None
+            raise TimeoutError(f"{exc}: the service is still on {self.model(task)}") from None
 
     def __exit__(self, *exc: object) -> None:
         terminate_group(self.proc)
@@ -127,21 +186,34 @@ def wait_new_run(api: AirflowAPI, dag_id: str, after: set[str], timeout: float =
     return wait_for(new_run, f"a new {dag_id} run", timeout, every=3, retry_on=())
 
 
-def replay(table: Path, url: str, share: float, seed: int) -> dict[str, Any]:
+def replay(
+    table: Path,
+    url: str,
+    share: float,
+    seed: int,
+    task: str | None = None,
+    labels_of: str | None = None,
+) -> dict[str, Any]:
+    """Replay ``table`` as traffic to ``task``'s endpoints (None: the default task's) of the
+    service at ``url``, with feedback for ``share`` of the rows. The table's labels are
+    ``labels_of``'s (default: ``task``'s); a table labelled for another task than the one it
+    is sent to is for traffic only (``share`` 0: its labels would be refused)."""
     from ml.serving.replay import replay as do_replay
 
-    summary = do_replay(
-        table,
-        url,
-        feedback_share=share,
-        concurrency=8,
-        seed=seed,
-        progress=True,
-        api_key=APP_KEY,
-        feedback_keys=LABELLER_KEYS,
-    ).to_dict()
+    with use_task(labels_of or task):  # the replay checks the table's labels against these
+        summary = do_replay(
+            table,
+            task_base(url, task),
+            feedback_share=share,
+            concurrency=8,
+            seed=seed,
+            progress=True,
+            api_key=APP_KEY,
+            feedback_keys=LABELLER_KEYS,
+        ).to_dict()
     say(
-        f"replayed {summary['sent']} requests ({summary['requests_per_second']}/s, "
+        f"replayed {summary['sent']} requests{f' to task {task}' if task else ''} "
+        f"({summary['requests_per_second']}/s, "
         f"{summary['failed']} failed, {summary['feedback_sent']} feedback labels); "
         f"answered by versions {summary['by_version']}"
     )
@@ -152,8 +224,7 @@ def replay(table: Path, url: str, share: float, seed: int) -> dict[str, Any]:
 
 def traffic_tables(work: Path, sizes: dict[str, int], first_batch: Path, seed: int) -> dict:
     """Same-period held-out tweets, 2016 tweets for drift and canaries, a shuffled batch."""
-    from ml.params import load_params
-    from ml.training.data import read_table, read_task_table
+    from ml.tables import read_table, read_task_table
 
     params = load_params()
     data = params.data
@@ -180,6 +251,45 @@ def traffic_tables(work: Path, sizes: dict[str, int], first_batch: Path, seed: i
     out["damaged_train"] = work / "damaged-shuffled-labels.tsv"
     shuffled.to_csv(out["damaged_train"], sep="\t", index=False)
     return out
+
+
+def second_task_tables(work: Path, drift_table: Path, shifted: int) -> dict[str, Path]:
+    """The second task's traffic: its held-out tweets (its validation table) with their labels,
+    and a shifted window for it, the first ``shifted`` of the 2016 sentiment tweets that the
+    sentiment steps replay as their drifted window (the task's ``data.drift_texts``)."""
+    from ml.tables import read_table, read_task_table
+
+    params = load_params(task=SECOND_TASK)
+    out = {
+        "traffic": work / f"replay-{SECOND_TASK}.tsv",
+        "shifted": work / f"replay-{SECOND_TASK}-shifted.tsv",
+    }
+    held_out = read_task_table(REPO / params.data.val, params.data)
+    held_out[["label", "text"]].to_csv(out["traffic"], sep="\t", index=False)
+    window = read_table(drift_table).iloc[:shifted]
+    window[["label", "text"]].to_csv(out["shifted"], sep="\t", index=False)
+    return out
+
+
+def answer(resp: Any) -> dict[str, Any]:
+    """What one ``/predict`` answer shows: status, the labels its scores name, the predicted
+    labels and the version that answered."""
+    entry: dict[str, Any] = {"path": resp.request.url.path, "status": resp.status_code}
+    if resp.status_code != 200:
+        return {**entry, "body": resp.text[:300]}
+    body = resp.json()
+    preds = body.get("predictions") or []
+    scores = preds[0].get("scores") if preds else None
+    return {
+        **entry,
+        "labels": list(scores) if isinstance(scores, dict) else None,
+        "predicted": [p.get("label") for p in preds],
+        "model_version": body.get("model_version"),
+    }
+
+
+def _preds(entry: dict[str, Any]) -> list[Any]:
+    return list(entry.get("predicted") or [])
 
 
 def canary_until_decided(api, service, table_paths, share, seed) -> str:
@@ -229,6 +339,14 @@ def main() -> int:
         "canary": 1600,
         "damaged_canary": 900,
         "damaged_train": 1500,
+        # The second task: its first model (all its tweets, fewer epochs than its default 4 to
+        # keep the demo within time), the shifted window, and the budget of the retraining
+        # that drift starts (written into the demo's parameters: monitor_drift passes none).
+        "second_examples": load_params(settings.params_path, task=SECOND_TASK).train.max_examples,
+        "second_epochs": 2,
+        "second_shifted": 500,
+        "second_retrain_examples": 200,
+        "second_retrain_epochs": 1,
     }
     env = dict(os.environ, DRIFTLOOP_REGISTRY_POLL="3", DRIFTLOOP_API_KEYS=API_KEYS)
     # The demo's own parameters: its scripted steps must be the only DAG runs, so the schedules
@@ -240,7 +358,11 @@ def main() -> int:
     raw.setdefault("rollout", {})["schedule"] = "none"
     if args.fast:
         sizes.update(first=1000, same_period=400, drift=800, damaged_train=600)
+        sizes.update(second_examples=1000, second_shifted=300)
         raw["train"]["max_examples"] = 4000
+    raw["tasks"][SECOND_TASK].setdefault("train", {}).update(
+        max_examples=sizes["second_retrain_examples"], epochs=sizes["second_retrain_epochs"]
+    )
     demo_params = work / ("params-fast.yaml" if args.fast else "params.yaml")
     demo_params.write_text(yaml.safe_dump(raw, sort_keys=False))
     env["DRIFTLOOP_PARAMS"] = str(demo_params)
@@ -281,7 +403,7 @@ def run_steps(
     logs: Path,
     record: dict[str, Any],
 ) -> None:
-    """The five steps; each appends its outcome to ``record["steps"]``."""
+    """The seven steps; each appends its outcome to ``record["steps"]``."""
     from ml.lifecycle.outcomes import MonitorOutcome as M
     from ml.lifecycle.outcomes import TrainOutcome
     from ml.training.pipeline import default_batch_path
@@ -291,7 +413,7 @@ def run_steps(
     for dag_id in DAGS:
         api.wait_dag(dag_id)
 
-    say(f"1/5 first champion: train_model on {sizes['first']} tweets from 2013-2015")
+    say(f"1/7 first champion: train_model on {sizes['first']} tweets from 2013-2015")
     _, tasks = run_dag(
         api,
         "train_model",
@@ -316,7 +438,7 @@ def run_steps(
         service.wait_serving(champion.version)
         say(f"service on {service.url} serves champion v{champion.version}")
 
-        say("2/5 same-period traffic: held-out 2013-2015 tweets, half with feedback")
+        say("2/7 same-period traffic: held-out 2013-2015 tweets, half with feedback")
         since = now()
         replay(tables["same_period"], service.url, 0.5, args.seed)
         run_id, tasks = run_dag(api, "monitor_drift", {"since": since, "until": now()})
@@ -324,7 +446,7 @@ def run_steps(
         note = api.run("monitor_drift", run_id).get("note")
         record["steps"].append({"step": "same-period traffic", "outcome": calm, "note": note})
 
-        say("3/5 later-period traffic: 2016 tweets, 70% with feedback")
+        say("3/7 later-period traffic: 2016 tweets, 70% with feedback")
         since = now()
         replay(tables["drift"], service.url, 0.7, args.seed + 1)
         before = {r["dag_run_id"] for r in api.list_runs("train_model")}
@@ -344,7 +466,7 @@ def run_steps(
 
                 challenger = get_alias(CHALLENGER)
                 service.wait_serving(champion.version, challenger.version)
-                say(f"4/5 canary: v{challenger.version} serves 20% of traffic")
+                say(f"4/7 canary: v{challenger.version} serves 20% of traffic")
                 rounds = _split(tables["canary"], 4)
                 decided = canary_until_decided(api, service, rounds, 0.8, args.seed + 2)
                 record["steps"].append(
@@ -353,7 +475,7 @@ def run_steps(
 
         champion = get_alias(CHAMPION)
         service.wait_serving(champion.version)
-        say(f"5/5 damaged model: train_model on {sizes['damaged_train']} shuffled labels")
+        say(f"5/7 damaged model: train_model on {sizes['damaged_train']} shuffled labels")
         _, tasks = run_dag(
             api,
             "train_model",
@@ -393,7 +515,112 @@ def run_steps(
             }
         )
         service.wait_serving(get_alias(CHAMPION).version)
+        second = second_task_tables(work, tables["drift"], sizes["second_shifted"])
+        second_task_steps(api, args, service, sizes, second, record)
+        service.wait_serving(get_alias(CHAMPION).version)
         record["serving_at_end"] = service.model()
+        record[f"{SECOND_TASK}_serving_at_end"] = service.model(SECOND_TASK)
+
+
+def second_task_steps(
+    api: AirflowAPI,
+    args: argparse.Namespace,
+    service: Service,
+    sizes: dict[str, int],
+    tables: dict[str, Path],
+    record: dict[str, Any],
+) -> None:
+    """Steps 6 and 7: the second task's first model served by the running service beside the
+    default task, its traffic; then a shifted window, its drift and the retraining it starts."""
+    from ml.lifecycle.outcomes import MonitorOutcome as M
+    from ml.lifecycle.outcomes import TrainOutcome
+    from ml.registry import CHAMPION, get_alias
+    from ml.tables import read_table
+
+    task, default = SECOND_TASK, load_params().task.name
+    name = load_params(task=task).task.registered_name
+    trained = tuple(TrainOutcome)
+    monitored = (M.NO_DRIFT, M.RETRAIN, M.RETRAINING_IN_PROGRESS, M.ROLLBACK)
+    texts = [str(t) for t in read_table(tables["traffic"])["text"].iloc[:8]]
+
+    before = service.predict(texts[:1], task=task).status_code
+    say(
+        f"6/7 second task {task}: /tasks/{task}/predict answers {before} before its first model; "
+        f"train_model on {sizes['second_examples']} {task} tweets, "
+        f"{sizes['second_epochs']} epochs"
+    )
+    _, tasks = run_dag(
+        api,
+        "train_model",
+        {
+            "task": task,
+            "max_examples": sizes["second_examples"],
+            "epochs": sizes["second_epochs"],
+            "reason": f"demo: first model of the second task, {task}",
+        },
+    )
+    champion = get_alias(CHAMPION, name=name)
+    record["steps"].append(
+        {
+            "step": f"{task} model",
+            "outcome": outcome(tasks, trained),
+            "task": task,
+            "version": champion.version if champion else None,
+        }
+    )
+    if champion is None:
+        raise RuntimeError(f"train_model for task {task} left model {name!r} without a champion")
+    say(f"{task}: champion v{champion.version}; POST /admin/reload: {service.reload()}")
+    service.wait_serving(champion.version, task=task)
+    say(f"service on {service.url} serves {task} v{champion.version} beside {default}")
+    traffic = replay(tables["traffic"], service.url, 0.5, args.seed + 4, task=task)
+    answers = {
+        default: answer(service.predict(texts)),
+        task: answer(service.predict(texts, task=task)),
+    }
+    for t, a in answers.items():
+        say(f"{a['path']} ({t}): HTTP {a['status']}, labels {a.get('labels')}")
+    for i, text in enumerate(texts[:3]):  # the same tweets, both tasks, one service
+        both = [f"{t} {a['predicted'][i]}" for t, a in answers.items() if i < len(_preds(a))]
+        say(f"  {text[:60]!r}: {', '.join(both)}")
+    record["steps"].append(
+        {
+            "step": f"{task} traffic",
+            "outcome": "served" if answers[task]["status"] == 200 else "not served",
+            "task": task,
+            "service": service.url,
+            "before_champion": before,
+            "answers": answers,
+            "sent": traffic["sent"],
+            "feedback_sent": traffic["feedback_sent"],
+            "by_version": traffic["by_version"],
+        }
+    )
+
+    say(f"7/7 {task} drift: {sizes['second_shifted']} 2016 {default} tweets to {task}, no labels")
+    since = now()
+    replay(tables["shifted"], service.url, 0.0, args.seed + 5, task=task, labels_of=default)
+    runs_before = {r["dag_run_id"] for r in api.list_runs("train_model")}
+    run_id, tasks = run_dag(api, "monitor_drift", {"task": task, "since": since, "until": now()})
+    found = outcome(tasks, monitored)
+    note = api.run("monitor_drift", run_id).get("note")
+    record["steps"].append(
+        {"step": f"{task} shifted traffic", "outcome": found, "task": task, "note": note}
+    )
+    if found == M.RETRAIN:
+        run_id = wait_new_run(api, "train_model", runs_before)
+        say(f"train_model {run_id} was triggered by monitor_drift for {task}; following it")
+        state = api.wait_run("train_model", run_id, on_change=print_progress("train_model"))
+        tasks = api.task_states("train_model", run_id)
+        record["steps"].append(
+            {
+                "step": f"{task} retraining",
+                "task": task,
+                "state": state,
+                "outcome": outcome(tasks, trained),
+            }
+        )
+    service.wait_serving(champion.version, task=task)
 
 
 def last_canary_evidence() -> dict[str, Any] | None:
@@ -413,7 +640,7 @@ def last_canary_evidence() -> dict[str, Any] | None:
 
 
 def _split(path: Path, parts: int) -> list[Path]:
-    from ml.training.data import read_table
+    from ml.tables import read_table
 
     table = read_table(path)
     size = -(-len(table) // parts)
@@ -517,38 +744,49 @@ def canary_evidence(evidence: dict[str, Any] | None) -> list[str]:
     ]
 
 
-def summary(record: dict[str, Any]) -> int:
+def task_lines(task: str | None) -> list[str]:
+    """One task's model versions, alias moves and drift reports (None: the default task)."""
     from ml.drift import list_reports
-    from ml.registry import CHAMPION, REJECTED_TAG, audit_log, get_alias, list_versions
+    from ml.registry import REJECTED_TAG, audit_log, list_versions
+
+    with use_task(task) as params:
+        of = f" ({params.task.name}, model {params.task.registered_name})"
+        lines = ["", f"model versions{of}:"]
+        for v in list_versions():
+            m = v.metrics
+            status = ", ".join(v.aliases) or ("rejected" if REJECTED_TAG in v.tags else "-")
+            lines.append(
+                f"  v{v.version}: macro-recall {m.get('val_macro_recall', float('nan')):.4f}"
+                f"  macro-F1 {m.get('val_macro_f1', float('nan')):.4f}  [{status}]"
+            )
+            lines.append(f"       why: {v.tags.get('reason', '?')}")
+        lines += ["", f"alias moves{of} (oldest first):"]
+        for move in reversed(audit_log(limit=1000)):
+            lines.append(
+                f"  {move.at[11:19]} {move.action:<15} {move.alias:<10} "
+                f"{move.from_version or '-'} -> {move.to_version or '-'}  by {move.actor}"
+            )
+            lines.append(f"           {move.reason[:150]}")
+            lines += canary_evidence(move.evidence)
+        lines += ["", f"drift reports ({params.task.name}):"]
+        for r in reversed(list_reports()):
+            review = Path(r.report_dir) / "review.html"
+            lines.append(
+                f"  {r.created_at[:19]} {r.outcome:<22} {', '.join(r.drifted_signals) or '-'}"
+                f"  {review if review.exists() else r.report_html}"
+            )
+    return lines
+
+
+def summary(record: dict[str, Any]) -> int:
+    from ml.registry import CHAMPION, get_alias
     from ml.settings import get_settings
 
     settings = get_settings()
     lines = ["", f"driftloop demo: done in {record['seconds'] / 60:.1f} min", ""]
     lines += run_report(record)
-    lines += ["", "model versions:"]
-    for v in list_versions():
-        m = v.metrics
-        status = ", ".join(v.aliases) or ("rejected" if REJECTED_TAG in v.tags else "-")
-        lines.append(
-            f"  v{v.version}: macro-recall {m.get('val_macro_recall', float('nan')):.4f}"
-            f"  macro-F1 {m.get('val_macro_f1', float('nan')):.4f}  [{status}]"
-        )
-        lines.append(f"       why: {v.tags.get('reason', '?')}")
-    lines += ["", "alias moves (oldest first):"]
-    for move in reversed(audit_log(limit=1000)):
-        lines.append(
-            f"  {move.at[11:19]} {move.action:<15} {move.alias:<10} "
-            f"{move.from_version or '-'} -> {move.to_version or '-'}  by {move.actor}"
-        )
-        lines.append(f"           {move.reason[:150]}")
-        lines += canary_evidence(move.evidence)
-    lines += ["", "drift reports:"]
-    for r in reversed(list_reports()):
-        review = Path(r.report_dir) / "review.html"
-        lines.append(
-            f"  {r.created_at[:19]} {r.outcome:<22} {', '.join(r.drifted_signals) or '-'}"
-            f"  {review if review.exists() else r.report_html}"
-        )
+    for task in (None, SECOND_TASK):
+        lines += task_lines(task)
     lines += ["", "review pages, top screen at 1280x800 (headless Chromium):"]
     try:
         from scripts.review_shots import demo_shots
@@ -556,10 +794,16 @@ def summary(record: dict[str, Any]) -> int:
         lines += [f"  {shot}" for shot in demo_shots()] or ["  none: no review page found"]
     except (OSError, RuntimeError) as exc:  # no chromium here: the demo stands without them
         lines.append(f"  not taken: {exc}")
-    champion = get_alias(CHAMPION)
+    lines += ["", "serving at the end, one service:"]
+    for task in (None, SECOND_TASK):
+        params = load_params(task=task)
+        champion = get_alias(CHAMPION, name=params.task.registered_name)
+        path = task_base("", task) + "/predict"
+        lines.append(
+            f"  {path:<24} {params.task.name}: champion v{champion.version if champion else '?'}"
+            f", labels {', '.join(params.task.labels)}"
+        )
     lines += [
-        "",
-        f"serving at the end: champion v{champion.version if champion else '?'}",
         "",
         "where to look:",
         "  make airflow-ui    Airflow UI, http://localhost:8080: the runs above, their task logs",
@@ -567,7 +811,8 @@ def summary(record: dict[str, Any]) -> int:
         "                     the registry with its aliases, drift reports next to each version",
         f"  .venv/bin/evidently ui --workspace {settings.home / 'evidently'}",
         "                     drift reports over time (or open the HTML paths above)",
-        "  driftloop audit    every alias move with its evidence (--json for JSON)",
+        "  driftloop audit    every alias move with its evidence (--json for JSON;",
+        f"                     driftloop --task {SECOND_TASK} audit: the second task's)",
     ]
     wrong = problems(record)
     if wrong:

@@ -32,6 +32,22 @@ GOOD: dict[str, Any] = {
                       "labels": {"paired": 420, "unpaired": 12}}},
         {"step": "damaged model, offline gate", "outcome": "kept_champion"},
         {"step": "damaged model, canary", "outcome": "canary_rolled_back"},
+        {"step": "emotion model", "outcome": "promoted", "task": "emotion", "version": "1"},
+        {"step": "emotion traffic", "outcome": "served", "task": "emotion",
+         "service": "http://127.0.0.1:3000", "before_champion": 503,
+         "answers": {
+             "sentiment": {"path": "/predict", "status": 200, "model_version": "3",
+                           "labels": ["negative", "neutral", "positive"],
+                           "predicted": ["negative", "positive"]},
+             "emotion": {"path": "/tasks/emotion/predict", "status": 200, "model_version": "1",
+                         "labels": ["anger", "joy", "optimism", "sadness"],
+                         "predicted": ["anger", "joy", "sadness"]},
+         },
+         "sent": 374, "feedback_sent": 190, "by_version": {"1": 374}},
+        {"step": "emotion shifted traffic", "outcome": "retrain", "task": "emotion",
+         "note": "task `emotion`\n\n**retrain**: drifted\n\nDrift review: /r/3/review.html"},
+        {"step": "emotion retraining", "task": "emotion", "state": "success",
+         "outcome": "kept_champion"},
     ],
     "runs": [
         {"dag_id": "train_model", "run_id": "manual__1", "run_type": "manual", "state": "success"},
@@ -62,8 +78,9 @@ def run_check(tmp_path: Path, summary: dict[str, Any], capsys) -> tuple[int, str
 def test_a_good_summary_passes(tmp_path: Path, capsys) -> None:
     rc, out = run_check(tmp_path, GOOD, capsys)
     assert rc == 0, out
-    # the steps, the two run notes, then the canary's evidence, failed tries and failed runs
-    assert out.count("\nok  ") == len(check_demo.EXPECTED_STEPS) + 5
+    # the steps, the three run notes, the canary's evidence, the second task's answers (503
+    # before its champion, then both tasks' labels), failed tries and failed runs
+    assert out.count("\nok  ") == len(check_demo.EXPECTED_STEPS) + 3 + 1 + 3 + 2
     assert "FAIL" not in out and out.rstrip().endswith("demo check: passed")
     assert "expected canary_rolled_back" in out and "seen canary_rolled_back" in out
 
@@ -77,6 +94,103 @@ def test_each_wrong_outcome_fails(tmp_path: Path, capsys, index: int) -> None:
     (bad,) = [line for line in out.splitlines() if line.startswith("FAIL")]
     name, want = check_demo.EXPECTED_STEPS[index]
     assert name in bad and f"expected {want}" in bad and "seen unknown" in bad
+
+
+def test_a_summary_without_the_second_task_fails(tmp_path: Path, capsys) -> None:
+    """The sentiment loop alone, every step right, is not the demo: the emotion steps must be
+    there (issue 14: a new task is configuration)."""
+    summary = copy.deepcopy(GOOD)
+    summary["steps"] = [s for s in summary["steps"] if not s["step"].startswith("emotion")]
+    assert len(summary["steps"]) == 7
+    rc, out = run_check(tmp_path, summary, capsys)
+    assert rc == 1 and "demo check: FAILED" in out
+    failed = [line for line in out.splitlines() if line.startswith("FAIL")]
+    assert len(failed) == 4 and all("(step missing)" in line for line in failed), out
+    for name in ("emotion model", "emotion traffic", "emotion shifted traffic",
+                 "emotion retraining"):  # fmt: skip
+        assert any(name in line for line in failed)
+
+
+def _answers(s: dict[str, Any]) -> dict[str, Any]:
+    return s["steps"][8]["answers"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda s: s["steps"][8].update(before_champion=200),
+                     id="served before its champion existed"),
+        pytest.param(lambda s: s["steps"][8].pop("before_champion"), id="no 503 recorded"),
+        pytest.param(lambda s: _answers(s)["emotion"].update(labels=["negative", "neutral",
+                                                                      "positive"]),
+                     id="emotion answered with sentiment's labels"),
+        pytest.param(lambda s: _answers(s)["emotion"].update(labels=["anger", "joy"]),
+                     id="emotion answered with two labels"),
+        pytest.param(lambda s: _answers(s)["emotion"].update(predicted=["positive"]),
+                     id="emotion predicted a label it does not have"),
+        pytest.param(lambda s: _answers(s)["emotion"].update(status=503), id="emotion 503"),
+        pytest.param(lambda s: _answers(s).pop("sentiment"), id="sentiment not asked"),
+        pytest.param(lambda s: _answers(s)["sentiment"].update(labels=["anger", "joy",
+                                                                        "optimism", "sadness"]),
+                     id="the default task answered with emotion's labels"),
+        pytest.param(lambda s: s["steps"][8].pop("answers"), id="no answers recorded"),
+        pytest.param(lambda s: s["steps"][9].update(note=None), id="emotion drift without a note"),
+        pytest.param(lambda s: s["steps"][9].update(outcome="no_drift"), id="no emotion drift"),
+        pytest.param(lambda s: s["steps"][10].update(outcome="canary_started"),
+                     id="emotion retraining went to canary"),
+    ],
+)  # fmt: skip
+def test_the_second_task_must_be_served_with_its_labels(tmp_path: Path, capsys, change) -> None:
+    summary = copy.deepcopy(GOOD)
+    change(summary)
+    rc, out = run_check(tmp_path, summary, capsys)
+    assert rc == 1 and "demo check: FAILED" in out, out
+
+
+def test_the_checked_labels_are_params_yaml_s() -> None:
+    from ml.params import load_tasks
+
+    tasks = load_tasks(REPO / "params.yaml")
+    assert {name: p.task.labels for name, p in tasks.items()} == check_demo.TASK_LABELS
+    assert demo.SECOND_TASK in tasks and demo.SECOND_TASK != next(iter(tasks))
+    # The checked step names are the demo's: "<second task> model", "... traffic", ...
+    assert {n for n, _ in check_demo.EXPECTED_STEPS if n.startswith(demo.SECOND_TASK)} == {
+        f"{demo.SECOND_TASK} {what}"
+        for what in ("model", "traffic", "shifted traffic", "retraining")
+    }
+
+
+def test_the_demo_sends_a_task_s_traffic_under_its_prefix() -> None:
+    assert demo.task_base("http://127.0.0.1:3000", None) == "http://127.0.0.1:3000"
+    base = demo.task_base("http://127.0.0.1:3000", "emotion")
+    assert base == "http://127.0.0.1:3000/tasks/emotion"
+    # ml.serving.replay posts to "/predict" and "/feedback" on a client with this base URL.
+    client = httpx.Client(base_url=base)
+    assert client.build_request("POST", "/predict").url.path == "/tasks/emotion/predict"
+    assert client.build_request("POST", "/feedback").url.path == "/tasks/emotion/feedback"
+
+
+def test_the_demo_records_what_an_answer_shows() -> None:
+    request = httpx.Request("POST", "http://127.0.0.1:3000/tasks/emotion/predict")
+    scores = [{"anger": 0.1, "joy": 0.7, "optimism": 0.1, "sadness": 0.1},
+              {"anger": 0.6, "joy": 0.2, "optimism": 0.1, "sadness": 0.1}]
+    body = {
+        "predictions": [
+            {"label": label, "scores": score, "request_id": f"r{i}", "model_version": "1"}
+            for i, (label, score) in enumerate(zip(["joy", "anger"], scores, strict=True))
+        ],
+        "model_version": "1",
+    }  # fmt: skip
+    got = demo.answer(httpx.Response(200, json=body, request=request))
+    assert got == {
+        "path": "/tasks/emotion/predict",
+        "status": 200,
+        "labels": ["anger", "joy", "optimism", "sadness"],
+        "predicted": ["joy", "anger"],
+        "model_version": "1",
+    }
+    refused = demo.answer(httpx.Response(503, text="no champion yet", request=request))
+    assert refused["status"] == 503 and refused["body"] == "no champion yet"
 
 
 def test_a_failed_try_fails_even_when_every_outcome_is_right(tmp_path: Path, capsys) -> None:
