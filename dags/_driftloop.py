@@ -60,6 +60,11 @@ def task_names() -> list[str]:
     return [default, *(n for n in names if n != default)]
 
 
+def task_tags() -> list[str]:
+    """One ``task:<name>`` tag per declared task: the DAG list filters by task."""
+    return [f"task:{name}" for name in task_names()]
+
+
 def task_param() -> Any:
     """The ``task`` param every driftloop DAG takes: which classifier a run is for."""
     from airflow.sdk import Param

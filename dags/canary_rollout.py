@@ -41,6 +41,7 @@ from _driftloop import (
     request_approval,
     schedule_from_params,
     task_param,
+    task_tags,
 )
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import dag, task
@@ -55,7 +56,7 @@ from ml.lifecycle.outcomes import CanaryOutcome  # the branch ends' task ids (st
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,
-    tags=["driftloop", "rollout"],
+    tags=["driftloop", "rollout", *task_tags()],
     default_args=DEFAULT_ARGS,
     params={"task": task_param()},
 )

@@ -41,6 +41,7 @@ from _driftloop import (
     schedule_from_params,
     set_run_note,
     task_param,
+    task_tags,
 )
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
@@ -56,7 +57,7 @@ from ml.lifecycle.outcomes import MonitorOutcome  # the branch ends' task ids (s
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,
-    tags=["driftloop", "monitoring"],
+    tags=["driftloop", "monitoring", *task_tags()],
     default_args=DEFAULT_ARGS,
     render_template_as_native_obj=True,
     params={

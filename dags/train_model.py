@@ -40,6 +40,7 @@ from _driftloop import (
     request_approval,
     set_run_note,
     task_param,
+    task_tags,
 )
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import Param, dag, get_current_context, task, teardown
@@ -55,7 +56,7 @@ from ml.lifecycle.outcomes import TRAIN_ANSWERED, TRAIN_ENDS, TrainOutcome
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,
-    tags=["driftloop", "training"],
+    tags=["driftloop", "training", *task_tags()],
     default_args=DEFAULT_ARGS,
     params={
         "task": task_param(),

@@ -345,7 +345,8 @@ class RequestGuard:
             return
         try:
             source = self._authenticate(scope, endpoint)
-            self._rate_limit(source)
+            # Each task's budget is its own; /admin has one of its own too.
+            self._rate_limit(f"{task or endpoint}/{source}")
             if scope.get("method") != "POST":
                 await self.app(scope, receive, send)  # the router answers 405
                 return

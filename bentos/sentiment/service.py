@@ -65,6 +65,24 @@ PredictResponse = MAIN.predict_response
 
 # The hot paths, left out of BentoML's access log and OpenTelemetry spans unless serve.access_log
 # or serve.trace_requests says otherwise (ml.params.ServeParams: each costs CPU per request).
+# What GET /tasks/{name}/model answers besides 200: the guard's 400 and the unknown task's 404.
+_ERROR = {
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {"error": {"type": "string"}},
+        }
+    }
+}
+TASK_ROUTE_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "The path holds control or non-printable characters", "content": _ERROR},
+    404: {
+        "description": "No task of that name is served; the error names those served",
+        "content": _ERROR,
+    },
+}
+
 HOT_PATHS = (
     "/predict",
     "/feedback",
@@ -113,7 +131,6 @@ class SentimentService:
 
             configure(fmt="json")
 
-        from ml.serving.cache import make_cache
         from ml.serving.predlog import PredictionLog
         from ml.serving.supervisor import Supervisor
         from ml.serving.tuning import serving_threads
@@ -163,7 +180,6 @@ class SentimentService:
                 ).start()
             except Exception:  # noqa: BLE001 - serving goes on without shadow scores
                 log.exception("no shadow process; canary requests are not shadow-scored")
-        self.cache = make_cache(settings.redis_url)
         self.predlog = PredictionLog(
             settings.database_url, settings.home / "spool" / "predictions"
         ).start()
@@ -175,7 +191,6 @@ class SentimentService:
             models=self.models,
             vetter=self.vetter,
             shadow_process=self.shadow_process,
-            cache=self.cache,
             predlog=self.predlog,
             metrics=self.metrics,
             settings=settings,
@@ -303,7 +318,7 @@ class SentimentService:
         """The default task's versions, their metrics and traffic shares; the tasks served."""
         return {**self._task_info(self.main), "tasks": list(TASK_NAMES)}
 
-    @admin_app.get("/tasks/{name}/model")
+    @admin_app.get("/tasks/{name}/model", responses=TASK_ROUTE_ERRORS)
     def task_model_info(self, name: str) -> Any:
         """One task's versions, their metrics and traffic shares."""
         served = self.tasks.get(name)
@@ -313,7 +328,7 @@ class SentimentService:
 
     def _task_info(self, served: ServedTask) -> dict[str, Any]:
         stats = self.predlog.stats()
-        cache = self.cache.stats()
+        cache = served.cache.stats()
         return {
             **served.describe(),
             "registry_poll_seconds": self.settings.registry_poll_seconds,
@@ -458,7 +473,11 @@ SentimentService = bentoml.service(  # type: ignore[misc]
 )(bentoml.asgi_app(admin_app, path="/")(SentimentService))
 
 
-@admin_app.api_route("/tasks/{name}/{endpoint:path}", methods=["GET", "POST", "PUT", "DELETE"])
+@admin_app.api_route(
+    "/tasks/{name}/{endpoint:path}",
+    methods=["GET", "POST", "PUT", "DELETE"],
+    include_in_schema=False,  # not an operation: what answers the paths no operation has
+)
 def unknown_task_route(name: str, endpoint: str) -> JSONResponse:
     """What no task route matched: 404 naming the tasks served (or this task's endpoints).
 

@@ -53,7 +53,6 @@ class Shared:
     models: Any  # ml.serving.worker.ModelProcess
     vetter: Any  # ml.serving.vetting.Vetter
     shadow_process: Any | None  # the shadow ModelProcess, None without shadow scoring
-    cache: Any  # ml.serving.cache.PredictionCache
     predlog: Any  # ml.serving.predlog.PredictionLog
     metrics: Any  # bentos.sentiment.metrics.ServiceMetrics
     settings: Any  # ml.settings.Settings
@@ -70,6 +69,7 @@ class ServedTask:
     """
 
     def __init__(self, params: Params, shared: Shared, on_refresh: Callable[[Any], None]) -> None:
+        from ml.serving.cache import make_cache
         from ml.serving.pool import ModelPool, registry_loader, registry_resolver
         from ml.serving.shadow import ShadowModels, ShadowScorer
 
@@ -80,6 +80,8 @@ class ServedTask:
         self.types: TaskTypes = task_types(self.name, self.labels)
         self.shared = shared
         settings = shared.settings
+        # The task's own cache (its own entries and hit counts; in process, its own capacity).
+        self.cache = make_cache(settings.redis_url)
         # The backend choice measures candidates on this task's validation table.
         self.load_options: dict[str, Any] = {
             **shared.load_options,
@@ -185,7 +187,7 @@ class ServedTask:
             )
         model = state.route(1, self.pool.rng)[0]  # canary routing is per request
         use_cache = "no-cache" not in ctx.request.headers.get("cache-control", "").lower()
-        found = shared.cache.get_many(model.key, texts) if use_cache else [None] * len(texts)
+        found = self.cache.get_many(model.key, texts) if use_cache else [None] * len(texts)
         missing = [i for i, hit in enumerate(found) if hit is None]
         hits = len(texts) - len(missing)
         if use_cache:
@@ -228,7 +230,7 @@ class ServedTask:
             fresh = [tuple(float(p) for p in row) for row in probs]
             for i, row in zip(missing, fresh, strict=True):
                 scores[i] = row
-            shared.cache.put_many(model.key, list(zip(miss_texts, fresh, strict=True)))
+            self.cache.put_many(model.key, list(zip(miss_texts, fresh, strict=True)))
 
         latency_ms = (time.perf_counter() - started) * 1000
         now = datetime.now(tz=UTC)

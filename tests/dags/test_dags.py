@@ -57,6 +57,17 @@ def test_every_dag_has_tags_docs_and_retries(dagbag) -> None:
                 assert task.retries >= 1, f"{dag_id}.{task.task_id} has no retries"
 
 
+def test_every_dag_for_a_task_is_tagged_with_every_task_it_can_run_for(dagbag) -> None:
+    from ml.params import load_tasks
+
+    wanted = {f"task:{name}" for name in load_tasks()}
+    assert len(wanted) >= 2
+    for dag_id, dag in dagbag.dags.items():
+        if "task" in dag.params:
+            assert wanted <= set(dag.tags), f"{dag_id} tags {sorted(dag.tags)}"
+            assert {f"task:{n}" for n in dag.params.get_param("task").schema["enum"]} == wanted
+
+
 @pytest.mark.parametrize("path", DAG_FILES + HELPERS, ids=lambda p: p.name)
 def test_no_heavy_imports_at_dag_top_level(path: Path) -> None:
     tree = ast.parse(path.read_text())

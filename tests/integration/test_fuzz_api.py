@@ -79,3 +79,12 @@ def test_the_published_schema_states_the_limits_the_guard_enforces() -> None:
     assert texts["items"]["pattern"] == r"\S"  # not blank
     assert feedback["properties"]["request_id"]["pattern"] == "^[A-Za-z0-9_-]{1,64}$"
     assert feedback["properties"]["label"]["enum"] == ["negative", "neutral", "positive"]
+
+
+def test_the_task_routes_document_their_refusals_and_the_catch_all_is_no_operation() -> None:
+    from bentos.sentiment.service import SentimentService
+
+    paths = SentimentService.openapi_spec.asdict()["paths"]
+    assert {"400", "404"} <= {str(s) for s in paths["/tasks/{name}/model"]["get"]["responses"]}
+    # What answers the paths no operation has (404/405) is not itself an operation to call.
+    assert "/tasks/{name}/{endpoint}" not in paths

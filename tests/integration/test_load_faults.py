@@ -88,6 +88,10 @@ def test_fuzzing_from_the_openapi_schema_finds_no_server_error(
     assert {"POST /predict", "POST /feedback", "GET /model", "POST /admin/reload"} <= set(
         result.operations
     ), report
+    # Every task's routes too: the lab serves a champion for each.
+    assert {f"POST /tasks/{name}/predict" for name in lab.task_versions} <= set(
+        result.operations
+    ), report
     assert result.complete, report
     assert result.statuses.get(200, 0) >= 10 and result.statuses.get(422, 0) >= 10, report
     assert {401, 403} <= set(result.statuses), report

@@ -79,6 +79,7 @@ def _app(
         routes=[
             Route("/predict", _ok, methods=["POST"]),
             Route("/feedback", _ok, methods=["POST"]),
+            Route("/tasks/{name}/predict", _ok, methods=["POST"]),
             Route("/", _page),
             Mount("/static_content", StaticFiles(directory=static_dir)),
             Mount("/", admin),
@@ -210,6 +211,27 @@ def test_keyed_mode_limits_each_key_on_its_own(
         second = [post("k2") for _ in range(3)]
     assert first == second == [200, 200, 429]
     assert wrong == [403] * 3
+
+
+def test_each_task_has_its_own_budget_and_the_default_routes_share_the_default_tasks(
+    static_dir: Path, seen: list[tuple[str, int]], rejected: list[tuple[str, int, str]]
+) -> None:
+    from ml.params import load_params, load_tasks
+
+    main = load_params().task.name
+    other = next(name for name in load_tasks() if name != main)
+    app = _app(static_dir, seen, rejected, DRIFTLOOP_RATE_LIMIT=3)
+    with TestClient(app) as client:
+
+        def post(path: str) -> int:
+            return client.post(path, json=PREDICT).status_code
+
+        default = [post("/predict"), post(f"/tasks/{main}/predict"), post("/predict")]
+        other_task = [post(f"/tasks/{other}/predict") for _ in range(4)]
+        default_after = post(f"/tasks/{main}/predict")
+    # /predict and /tasks/<default>/predict spend one budget; the other task's is untouched.
+    assert default == [200, 200, 200] and default_after == 429
+    assert other_task == [200, 200, 200, 429]
 
 
 # ------------------------------------------------------------- the outermost layer: paths, logs

@@ -247,6 +247,8 @@ def fuzz_schema(lab: FaultLab, max_examples: int = 50) -> Any:
     """Fuzz the service from its own OpenAPI document (:mod:`tests.harness.fuzz_api`); report it."""
     from tests.harness import fuzz_api
 
+    for name, version in lab.task_versions.items():  # after a restart, every task is back
+        lab.wait_task_serving(name, version, timeout=240)
     result = fuzz_api.fuzz(lab.url, API_KEY, max_examples=max_examples, seed=0, deadline_s=120)
     fuzz_api.write_report(result, lab.results / "fuzz_api.md")
     return result

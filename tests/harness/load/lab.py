@@ -72,7 +72,8 @@ class FaultLab:
                 "DRIFTLOOP_REGISTRY_POLL": "2",
             },
         )
-        self.versions: dict[str, str] = {}
+        self.versions: dict[str, str] = {}  # the default task's, by role ("good", "corrupt")
+        self.task_versions: dict[str, str] = {}  # every other task's champion, by task
 
     # -- lifecycle
 
@@ -82,8 +83,11 @@ class FaultLab:
         self.stack.start_serving(service=False)
         self.versions["good"] = self._register_good()
         self.set_champion(self.versions["good"], "load test: first champion")
+        self._register_other_tasks()
         self.stack.start_service()
         self.wait_ready(timeout=300)
+        for name, version in self.task_versions.items():
+            self.wait_task_serving(name, version, timeout=240)
         return self
 
     def stop(self) -> None:
@@ -118,6 +122,32 @@ class FaultLab:
                 path, reason="load test: MiniLM with a fresh head", metrics={"macro_recall": 0.33}
             )
         return str(info.version)
+
+    def _register_other_tasks(self) -> None:
+        """A champion for every other task too: the service serves them all, and is fuzzed so."""
+        import torch
+
+        from ml import registry
+        from ml.modeling import load_tokenizer, new_classifier, save_model
+        from ml.params import load_params, load_tasks, use_task
+
+        main = load_params().task.name
+        for name, params in load_tasks().items():
+            if name == main:
+                continue
+            torch.manual_seed(0)
+            labels = params.task.labels
+            path = save_model(new_classifier(labels), load_tokenizer(), self.work / f"model-{name}")
+            with self.client_env(), use_task(name):
+                info = registry.register_model_dir(
+                    path,
+                    reason=f"load test: MiniLM with a fresh {name} head",
+                    metrics={"macro_recall": round(1 / len(labels), 2)},
+                )
+                registry.set_alias(
+                    "champion", info.version, actor="load-faults", reason=f"first {name} champion"
+                )
+            self.task_versions[name] = str(info.version)
 
     def set_champion(self, version: str, reason: str) -> None:
         from ml import registry
@@ -156,6 +186,19 @@ class FaultLab:
     def wait_ready(self, timeout: float) -> float:
         """Seconds until /readyz answers 200 (a champion is loaded)."""
         return wait_http_ok(f"{self.url}/readyz", "the service to be ready", timeout, every=0.25)
+
+    def wait_task_serving(self, name: str, version: str, timeout: float) -> None:
+        """Wait until task ``name`` serves ``version`` (its own pool loads after readiness)."""
+
+        def serving() -> bool:
+            info = httpx.get(f"{self.url}/tasks/{name}/model", timeout=10).json()
+            champion = info.get("champion") or {}
+            return champion.get("version") == version and bool(champion.get("loaded"))
+
+        wait_for(
+            serving, f"the {name} champion to be served", timeout, 0.5,
+            retry_on=(httpx.HTTPError, ValueError),
+        )  # fmt: skip
 
     def wait_until(
         self, check: Callable[[dict[str, Any]], bool], timeout: float, every: float = 0.2
