@@ -143,14 +143,22 @@ class Service:
         timeout: float = 300,
         task: str | None = None,
     ) -> dict[str, Any]:
-        """Until /model (``/tasks/<task>/model``) reports the given champion (and challenger,
-        or none)."""
+        """Until /model (``/tasks/<task>/model``) reports the given champion loaded (and the
+        challenger loaded and on canary traffic, or any challenger)."""
+
+        def live(entry: dict[str, Any] | None, version: str) -> bool:
+            # /model names a version the registry holds before the service has loaded it
+            # (or, for a challenger, before it has any traffic): wait until it answers.
+            entry = entry or {}
+            return entry.get("version") == version and bool(entry.get("loaded"))
 
         def serving() -> dict[str, Any] | None:
             info = self.model(task)
-            champ = (info.get("champion") or {}).get("version")
-            chall = (info.get("challenger") or {}).get("version")
-            ok = champ == champion and (challenger is None or chall == challenger)
+            chall = info.get("challenger") or {}
+            ok = live(info.get("champion"), champion) and (
+                challenger is None
+                or (live(chall, challenger) and float(chall.get("traffic_share") or 0) > 0)
+            )
             return info if ok else None
 
         what = f"champion v{champion}" + (f" of task {task}" if task else "")

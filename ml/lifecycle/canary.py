@@ -24,7 +24,13 @@ from ml import events, registry
 from ml.label_policy import SourceCount
 from ml.lifecycle import sequential
 from ml.lifecycle.approval import Approval
-from ml.lifecycle.evidence import CanaryLabels, VersionStats, canary_labels, version_stats
+from ml.lifecycle.evidence import (
+    CanaryLabels,
+    VersionStats,
+    canary_labels,
+    challenger_serving_since,
+    version_stats,
+)
 from ml.lifecycle.loop import nothing_to_judge
 from ml.lifecycle.metrics import emit_metric
 from ml.lifecycle.outcomes import CANARY_OUTCOMES, CanaryAction, CanaryOutcome
@@ -275,17 +281,28 @@ def judge_canary(
     champion = registry.get_alias(registry.CHAMPION)
     if challenger is None or champion is None:
         return None
-    since = datetime.fromisoformat(challenger.tags[registry.CANARY_STARTED_TAG])
+    started = datetime.fromisoformat(challenger.tags[registry.CANARY_STARTED_TAG])
     share = float(challenger.tags.get(registry.CANARY_SHARE_TAG) or params.canary_share)
     versions = [champion.version, challenger.version]
+    # The evidence starts when a service first served the challenger, not when the registry
+    # started the canary: until then every label is the champion's (challenger_serving_since).
+    serving = challenger_serving_since(started, challenger.version)
+    since = serving or datetime.now(tz=UTC)
     stats = version_stats(since, versions, errors, policy)
     labels = canary_labels(
         since, champion.version, challenger.version, min(max(share, 0.01), 0.99), policy
     )
-    hours = (datetime.now(tz=UTC) - since).total_seconds() / 3600
+    hours = (datetime.now(tz=UTC) - started).total_seconds() / 3600
     decision = decide_canary(
         stats[champion.version], stats[challenger.version], params, labels, hours
     )
+    window = {"canary_started": started.isoformat(), "evidence_since": since.isoformat()}
+    decision = replace(decision, labels={**decision.labels, **window})
+    if serving is None and decision.action == CanaryAction.WAIT:
+        decision = replace(
+            decision,
+            reason=f"no service has served challenger v{challenger.version} yet: {decision.reason}",
+        )
     log.info(
         "canary v%s vs champion v%s: %s (%s)",
         challenger.version,

@@ -8,7 +8,7 @@ versions' accuracy. Labels count only as the source policy allows (:mod:`ml.labe
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -190,6 +190,32 @@ def cohen_kappa(table: dict[tuple[str, str], int]) -> float | None:
         second[b] = second.get(b, 0) + n
     chance = sum(first[k] * second.get(k, 0) for k in first) / total**2
     return 1.0 if chance >= 1 else (observed - chance) / (1 - chance)
+
+
+def challenger_serving_since(since: datetime, challenger: str) -> datetime | None:
+    """When the challenger first answered or shadow-scored a request logged since ``since``;
+    None when it has not yet.
+
+    The canary starts in the registry, and each service loads the challenger a while later
+    (a poll, then the load). Until then the champion answers every request, so its labels in
+    that gap are not the random ``1 - share`` the unpaired differences assume: counting them
+    would tilt the test towards "challenger worse". The canary's evidence starts here instead.
+    """
+    model = load_params().task.registered_name  # versions are numbered per registered model
+    p, s = predictions, shadow_predictions
+    answered = sa.select(sa.func.min(p.c.at)).where(
+        p.c.at >= since, p.c.model_name == model, p.c.model_version == challenger
+    )
+    shadowed = (
+        sa.select(sa.func.min(p.c.at))
+        .select_from(p.join(s, s.c.request_id == p.c.request_id))
+        .where(p.c.at >= since, p.c.model_name == model, s.c.model_version == challenger)
+    )
+    with get_engine(get_settings().database_url).connect() as conn:
+        firsts = [conn.execute(q).scalar() for q in (answered, shadowed)]
+    # SQLite gives the stored UTC times back without their zone
+    seen = [t if t.tzinfo else t.replace(tzinfo=UTC) for t in firsts if t is not None]
+    return min(seen) if seen else None
 
 
 def canary_labels(

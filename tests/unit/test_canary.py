@@ -213,3 +213,55 @@ def test_nothing_to_judge_then_no_canary(tmp_home, tiny_model_dir) -> None:
     registry.set_alias("champion", v1, actor="t", reason="seed", action="promote")
     evaluation = canary.evaluate()
     assert evaluation.outcome is CanaryOutcome.NO_CANARY and evaluation.decision is None
+
+
+def _log_champion_alone(champion: str, n: int, acc: float, start: datetime,
+                        rng: random.Random) -> None:
+    """``n`` labelled requests the champion answered with no challenger loaded: no shadows."""
+    rows, fb = [], []
+    for i in range(n):
+        truth = LABELS[i % 3]
+        rid = f"alone-{i}-{rng.random()}"
+        at = start + timedelta(seconds=i)
+        rows.append({"request_id": rid, "at": at, "model_name": "sentiment",
+                     "model_version": champion, "text": f"t{i}",
+                     "label": truth if rng.random() < acc else LABELS[(i + 1) % 3],
+                     "scores": {"negative": 0.1, "neutral": 0.1, "positive": 0.8},
+                     "confidence": 0.8, "latency_ms": 20.0, "cached": False})
+        fb.append({"request_id": rid, "at": at + timedelta(seconds=1), "label": truth,
+                   "source": FIVE[i % len(FIVE)]})
+    with get_engine(registry.get_settings().database_url).begin() as conn:
+        conn.execute(sa.insert(predictions), rows)
+        conn.execute(sa.insert(feedback), fb)
+
+
+def test_labels_from_before_any_service_served_the_challenger_do_not_count(
+        tmp_home, tiny_model_dir) -> None:
+    """The registry starts the canary; the service loads the challenger a while later. Until
+    then the champion answers everything, and those labels are not the random ``1 - share``
+    the unpaired test assumes: counted, they roll back a better challenger (seen in the demo:
+    "0 paired + 319 unpaired labels, mean difference -0.713")."""
+    v1 = registry.register_model_dir(tiny_model_dir, reason="first").version
+    registry.set_alias("champion", v1, actor="t", reason="seed", action="promote")
+    v2 = registry.register_model_dir(tiny_model_dir, reason="retrain").version
+    canary.start_canary(v2, actor="t", reason="gate", share=0.2)
+    started = datetime.now(tz=UTC) - timedelta(minutes=20)  # all the traffic below is past
+    registry.set_version_tag(v2, registry.CANARY_STARTED_TAG, started.isoformat())
+    start = started + timedelta(seconds=1)
+    rng = random.Random(3)
+    _log_champion_alone(v1, 400, 0.7, start, rng)
+
+    waiting = canary.judge_canary()
+    assert waiting.action == "wait", waiting.reason
+    assert f"no service has served challenger v{v2} yet" in waiting.reason
+    assert waiting.labels["paired"] == waiting.labels["unpaired"] == 0
+
+    served = start + timedelta(seconds=500)
+    accuracy = {v1: 0.70, v2: 0.85}
+    _log_traffic(v1, v2, 480, accuracy, served, rng)
+    _log_traffic(v2, v1, 120, accuracy, served, rng)
+    decision = canary.judge_canary()
+    assert decision.action == "promote", decision.reason
+    assert decision.labels["unpaired"] == 0, "the champion-only labels were counted"
+    assert datetime.fromisoformat(decision.labels["evidence_since"]) == served
+    assert decision.champion.predictions == 480
