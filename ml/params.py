@@ -101,7 +101,9 @@ class EvaluateParams(_Section):
 
 
 class PromotionParams(_Section):
-    metric: str = "macro_recall"
+    # The task's primary metric: it decides promotion, and drift's quality signal holds live
+    # feedback to the champion's validation value of it (``ml.metrics.METRICS``).
+    metric: Literal["macro_recall", "macro_f1", "accuracy"] = "macro_recall"
     min_improvement: float = 0.005
     # A move of ``champion`` by a DAG (after the offline gate, after a canary) waits for a
     # person's approve or reject in the Airflow UI; the audit row names them.

@@ -47,8 +47,8 @@ class ServiceMetrics:
         )
         self.cache = Counter(
             "driftloop_cache_lookups",
-            "Prediction cache lookups by result",
-            ["result"],
+            "Prediction cache lookups, by task and result",
+            ["task", "result"],
         )
         self.errors = Counter(
             "driftloop_errors",

@@ -192,9 +192,9 @@ class ServedTask:
         hits = len(texts) - len(missing)
         if use_cache:
             if hits:
-                metrics.cache.labels(result="hit").inc(hits)
+                metrics.cache.labels(task=self.name, result="hit").inc(hits)
             if missing:
-                metrics.cache.labels(result="miss").inc(len(missing))
+                metrics.cache.labels(task=self.name, result="miss").inc(len(missing))
         scores: list[Any] = list(found)
         if missing:
             miss_texts = [texts[i] for i in missing]

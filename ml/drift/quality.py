@@ -1,7 +1,8 @@
-"""The quality half of a report: macro-recall on the window's feedback labels.
+"""The quality half of a report: the task's primary metric on the window's feedback labels.
 
-Compared with the champion's own macro-recall, with a bootstrap bound so that a few labels do
-not raise an alarm; see ``docs/drift.md``.
+Compared with the champion's validation value of the same metric (``promotion.metric``:
+macro-recall for sentiment, macro-F1 for emotion), with a bootstrap bound so that a few labels
+do not raise an alarm; see ``docs/drift.md``.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ml.drift.features import score_columns
 from ml.drift.result import DriftSignal
-from ml.metrics import label_codes as _codes
-from ml.metrics import macro_recall
-from ml.metrics import macro_recall_codes as _macro_recall_codes
+from ml.metrics import METRICS, label_codes, score
 from ml.params import DriftParams
 
 if TYPE_CHECKING:
@@ -25,52 +24,55 @@ if TYPE_CHECKING:
 
 def quality_signal(
     labelled: pd.DataFrame,
-    reference_macro_recall: float | None,
+    reference_score: float | None,
     params: DriftParams,
     *,
+    metric: str = "macro_recall",
     reference_source: str = "",
 ) -> tuple[DriftSignal, dict[str, Any] | None]:
-    """Macro-recall on the window's feedback against the champion's reference macro-recall.
+    """``metric`` on the window's feedback against the champion's reference value of it.
 
     The signal fires when the drop exceeds ``quality_drop`` *and* is significant: the
-    one-sided bootstrap upper bound (``quality_confidence``) of the window's macro-recall is
-    still below the reference. With fewer than ``min_feedback`` labelled rows it does not fire
-    and says so.
+    one-sided bootstrap upper bound (``quality_confidence``) of the window's score is still
+    below the reference. With fewer than ``min_feedback`` labelled rows it does not fire and
+    says so.
     """
     import numpy as np
 
     n = len(labelled)
-    if n < params.min_feedback or reference_macro_recall is None:
+    if n < params.min_feedback or reference_score is None:
         why = (
             f"{n} labelled rows in the window (< min_feedback={params.min_feedback})"
             if n < params.min_feedback
-            else "no reference macro-recall to compare with"
+            else f"no reference {metric} to compare with"
         )
-        detail = {"feedback_rows": n, "skipped": why}
+        detail = {"metric": metric, "feedback_rows": n, "skipped": why}
         return DriftSignal("quality", None, params.quality_drop, False, detail, "quality"), None
+    of = METRICS[metric]
     y_true = labelled["true_label"].astype(str).to_numpy()
     y_pred = labelled["label"].astype(str).to_numpy()
-    t, p = _codes(y_true, y_pred)
-    current = _macro_recall_codes(t, p)
+    t, p = label_codes(y_true, y_pred)
+    current = of(t, p)
     rng = np.random.default_rng(params.seed)
     boots = []
     for _ in range(500):
         idx = rng.integers(0, n, n)
-        boots.append(_macro_recall_codes(t[idx], p[idx]))
+        boots.append(of(t[idx], p[idx]))
     upper = float(np.nanquantile(boots, params.quality_confidence))
     lower = float(np.nanquantile(boots, 1 - params.quality_confidence))
-    drop = float(reference_macro_recall) - current
-    drifted = drop > params.quality_drop and upper < float(reference_macro_recall)
+    drop = float(reference_score) - current
+    drifted = drop > params.quality_drop and upper < float(reference_score)
     quality = {
+        "metric": metric,
         "feedback_rows": n,
-        "macro_recall": current,
-        "macro_recall_ci": [lower, upper],
+        "score": current,
+        "score_ci": [lower, upper],
         "confidence": params.quality_confidence,
         "accuracy": float((y_true == y_pred).mean()),
         "recall_by_label": {
             c: float((y_pred[y_true == c] == c).mean()) for c in sorted(set(y_true.tolist()))
         },
-        "reference_macro_recall": float(reference_macro_recall),
+        "reference_score": float(reference_score),
         "reference_source": reference_source,
         "drop": drop,
     }
@@ -135,19 +137,24 @@ def quality_report(
         )
 
 
-def reference_recall(
-    version: str | None, reference: pd.DataFrame, given: float | None, labels: Sequence[str]
+def reference_score(
+    version: str | None,
+    reference: pd.DataFrame,
+    given: float | None,
+    labels: Sequence[str],
+    metric: str = "macro_recall",
 ) -> tuple[float | None, str]:
-    """The macro-recall the window is held to: given, else the version's, else the reference's."""
+    """The ``metric`` value the window is held to: given, else the version's validation
+    value, else the reference sample's."""
     if given is not None:
         return float(given), "given"
     if version is not None:
         from ml import registry
 
-        metric = registry.get_version(str(version)).metrics.get("val_macro_recall")
-        if metric is not None:
-            return float(metric), f"v{version} val_macro_recall"
+        value = registry.get_version(str(version)).metrics.get(f"val_{metric}")
+        if value is not None:
+            return float(value), f"v{version} val_{metric}"
     if "true_label" in reference.columns and reference["true_label"].isin(labels).any():
         rows = reference[reference["true_label"].isin(labels)]
-        return macro_recall(rows["true_label"], rows["label"]), "reference sample"
+        return score(metric, rows["true_label"], rows["label"]), "reference sample"
     return None, ""

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from ml.drift.compare import Comparison, compare
 from ml.drift.features import compute_features, has_features
-from ml.drift.quality import quality_report, quality_signal, reference_recall
+from ml.drift.quality import quality_report, quality_signal
+from ml.drift.quality import reference_score as _held_to
 from ml.drift.reference import build_reference, champion_version, load_version
 from ml.drift.result import DriftError, DriftResult, decide
 from ml.drift.window import Window, featured_sample, read_window
@@ -39,7 +40,7 @@ def run_drift(
     model_version: str | None = None,
     model: Any = None,
     tokenizer: Any = None,
-    reference_macro_recall: float | None = None,
+    reference_score: float | None = None,
     log_to_mlflow: bool = True,
     add_to_workspace: bool = True,
 ) -> DriftResult:
@@ -56,8 +57,8 @@ def run_drift(
         model_version: the version judged; default the champion. Only rows that version
             answered are read from the log.
         model, tokenizer: default the registered ``model_version``.
-        reference_macro_recall: what feedback quality is held to; default the version's
-            ``val_macro_recall``, else the reference sample's.
+        reference_score: the value of the task's ``promotion.metric`` that feedback quality
+            is held to; default the version's validation value, else the reference sample's.
         log_to_mlflow: log the report to a new MLflow run tagged with the judged version.
         add_to_workspace: add the snapshot(s) to the Evidently workspace.
 
@@ -82,8 +83,11 @@ def run_drift(
     comparison = compare(
         window.sample, reference, dp, timestamp=window.end or now, metadata=metadata
     )
-    ref_recall, ref_source = reference_recall(version, reference, reference_macro_recall, labels)
-    q_signal, quality = quality_signal(window.labelled, ref_recall, dp, reference_source=ref_source)
+    metric = params.promotion.metric
+    held_to, held_source = _held_to(version, reference, reference_score, labels, metric)
+    q_signal, quality = quality_signal(
+        window.labelled, held_to, dp, metric=metric, reference_source=held_source
+    )
     signals = [*comparison.signals, q_signal]
     data_drift, quality_drop, outcome, reason = decide(signals)
 
@@ -337,7 +341,7 @@ def _log_to_mlflow(result: DriftResult, report_dir: Path) -> str:
     metrics = {f"drift_{s.name}": float(s.score) for s in result.signals if s.score is not None}
     metrics.update({"rows": float(result.rows), "feedback_rows": float(result.feedback_rows)})
     if result.quality:
-        metrics["feedback_macro_recall"] = float(result.quality["macro_recall"])
+        metrics[f"feedback_{result.quality['metric']}"] = float(result.quality["score"])
     with mlflow.start_run(run_name=f"drift-{report_dir.name}", tags=tags) as run:
         mlflow.log_params({k: v for k, v in result.thresholds.items() if v is not None})
         mlflow.log_metrics(metrics)

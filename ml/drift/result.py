@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+from ml.metrics import metric_name
+
 
 class DriftError(RuntimeError):
     """The report could not be made (no champion to judge, unreadable reference, ...)."""
@@ -129,7 +131,7 @@ def decide(signals: list[DriftSignal]) -> tuple[bool, bool, str, str]:
     if quality:
         q = quality[0].detail
         parts.append(
-            f"macro-recall on feedback {q['macro_recall']:.3f} vs {q['reference_macro_recall']:.3f}"
+            f"{metric_name(q['metric'])} on feedback {q['score']:.3f} vs {q['reference_score']:.3f}"
             f" ({q['feedback_rows']} labelled rows)"
         )
     reason = "; ".join(parts) if parts else "no signal crossed its threshold"

@@ -2,10 +2,11 @@
 
 From the top: the verdict and what the loop decided, with the thresholds; what moved (tokens
 and hashtags by weighted log-odds with an informative Dirichlet prior, the predicted-class mix
-and the confidence distribution before and after, live macro-recall with its interval); the
-window texts most unlike the reference (a reference-vs-window classifier on the embeddings,
-cross-validated, the detector Evidently recommends for text), each with the champion's
-prediction; and links. One self-contained HTML file, no scripts, readable at 1280 px.
+and the confidence distribution before and after, the task's primary metric on live feedback
+with its interval); the window texts most unlike the reference (a reference-vs-window
+classifier on the embeddings, cross-validated, the detector Evidently recommends for text),
+each with the champion's prediction; and links. One self-contained HTML file, no scripts,
+readable at 1280 px.
 
 :func:`review_data` computes everything (JSON-able, saved as ``review.json``) and
 :func:`render` turns it into HTML, so the DAG can re-render the page once the decision is known.
@@ -26,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from ml.drift.features import embedding_columns
+from ml.metrics import metric_name
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +147,11 @@ def review_data(
     words = [r for r in moved if not r["term"].startswith("#")]
     tags = [r for r in moved if r["term"].startswith("#")]
     quality = result.get("quality") or {}
+    if "score" not in quality and "macro_recall" in quality:  # written before per-task metrics
+        old = ("macro_recall", "macro_recall_ci", "reference_macro_recall")
+        new = ("score", "score_ci", "reference_score")
+        renamed = {n: quality.get(o) for n, o in zip(new, old, strict=True)}
+        quality = {"metric": "macro_recall", **quality, **renamed}
     return {
         "result": {
             k: result.get(k)
@@ -185,9 +192,9 @@ def review_data(
         "confidence_window": histogram(window["confidence"]),
         "quality": {
             k: quality.get(k)
-            for k in ("macro_recall", "macro_recall_ci", "reference_macro_recall", "feedback_rows")
+            for k in ("metric", "score", "score_ci", "reference_score", "feedback_rows")
         }
-        if quality.get("macro_recall") is not None
+        if quality.get("score") is not None
         else None,
         "window_like": window_like(reference, window),
         "links": links or {},
@@ -304,10 +311,10 @@ def render(data: dict[str, Any]) -> str:
     labels = data["labels"]
     quality = data["quality"]
     quality_html = (
-        f"<p>live macro-recall <b>{quality['macro_recall']:.3f}</b> "
-        f"(interval {quality['macro_recall_ci'][0]:.3f}–{quality['macro_recall_ci'][1]:.3f}, "
+        f"<p>live {metric_name(quality['metric'])} <b>{quality['score']:.3f}</b> "
+        f"(interval {quality['score_ci'][0]:.3f}–{quality['score_ci'][1]:.3f}, "
         f"{quality['feedback_rows']} labelled rows) against "
-        f"{quality['reference_macro_recall']:.3f} at training</p>"
+        f"{quality['reference_score']:.3f} at training</p>"
         if quality
         else '<p class="muted">no live labels in this window: quality not judged</p>'
     )

@@ -149,6 +149,15 @@ def test_each_task_answers_with_its_own_labels(stack: Stack, emotion_version: st
     assert emotion.json()["model_version"] == emotion_version
     # The same text under one task's name is the default task's answer.
     assert default.json()["predictions"][0]["scores"] == same.json()["predictions"][0]["scores"]
+    # Each task counts its own cache lookups: the two emotion texts were misses of its cache.
+    lookups = [
+        line
+        for line in stack.get("/metrics").text.splitlines()
+        if line.startswith("driftloop_cache_lookups_total{")
+        and 'task="emotion"' in line
+        and 'result="miss"' in line
+    ]
+    assert lookups and float(lookups[0].rsplit(" ", 1)[1]) >= 2, lookups
 
     ids = [p["request_id"] for p in emotion.json()["predictions"]]
     from ml.db import get_engine, metadata

@@ -14,13 +14,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import f1_score, recall_score
 
 from ml.drift import DriftResult, list_reports, run_drift
 from ml.drift.compare import compare
 from ml.drift.features import DESCRIPTORS, compute_features, text_descriptors
-from ml.drift.quality import quality_signal
+from ml.drift.quality import quality_signal, reference_score
 from ml.drift.reference import build_reference
+from ml.drift.result import decide
 from ml.drift.window import load_window
+from ml.metrics import score
 from ml.params import DEFAULT_LABELS, DriftParams, load_params
 from monitoring.calibrate import out_of_domain_texts
 
@@ -235,8 +238,8 @@ def test_quality_signal_fires_when_feedback_accuracy_drops(params: DriftParams) 
     assert not fine.drifted and fine.score == pytest.approx(-0.02)
     bad, quality = quality_signal(labelled(100, 45), 0.70, params)  # 0.45
     assert bad.drifted and bad.kind == "quality" and bad.score == pytest.approx(0.25)
-    assert quality is not None and quality["macro_recall"] == pytest.approx(0.45)
-    assert quality["macro_recall_ci"][1] < 0.70
+    assert quality is not None and quality["metric"] == "macro_recall"
+    assert quality["score"] == pytest.approx(0.45) and quality["score_ci"][1] < 0.70
     assert quality["recall_by_label"] == pytest.approx({label: 0.45 for label in LABELS})
 
 
@@ -247,10 +250,56 @@ def test_quality_signal_needs_enough_feedback_and_a_significant_drop(params: Dri
     # 0.647 is 0.053 below 0.70: past the margin, but on 102 labels that is within the noise...
     noisy, q = quality_signal(labelled(34, 22), 0.70, params)
     assert q is not None and q["drop"] > params.quality_drop
-    assert q["macro_recall_ci"][1] >= 0.70 and not noisy.drifted
+    assert q["score_ci"][1] >= 0.70 and not noisy.drifted
     # ...and on 3000 labels it is not.
     sure, q = quality_signal(labelled(1000, 647), 0.70, params)
-    assert q is not None and q["macro_recall_ci"][1] < 0.70 and sure.drifted
+    assert q is not None and q["score_ci"][1] < 0.70 and sure.drifted
+
+
+def test_quality_signal_holds_feedback_to_the_tasks_own_metric(params: DriftParams) -> None:
+    """A macro-F1 task (emotion) is judged on macro-F1, against its champion's value of it.
+
+    Every wrong answer here is "negative", so its precision falls (F1 0.714) while its recall
+    stays 1.0: macro-recall 0.733, macro-F1 0.738. The sample reference (a champion that
+    answered 90% of each class right, no wrong answer to one class more than another) holds
+    the window to 0.90 on either metric.
+    """
+    truth = [label for label in LABELS for _ in range(200)]
+    pred = ["negative"] * 200 + ["neutral"] * 120 + ["negative"] * 80
+    pred += ["positive"] * 120 + ["negative"] * 80
+    rows = pd.DataFrame({"true_label": truth, "label": pred})
+    signal, q = quality_signal(rows, 0.80, params, metric="macro_f1")
+    assert q is not None and q["metric"] == "macro_f1" and signal.drifted
+    assert q["score"] == pytest.approx(f1_score(truth, pred, average="macro"))
+    assert q["score"] == pytest.approx(0.7381, abs=1e-4)
+    assert "macro-F1 on feedback 0.738 vs 0.800" in decide([signal])[3]
+    recall, q = quality_signal(rows, 0.80, params)
+    assert q is not None and q["score"] == pytest.approx(0.7333, abs=1e-4)
+
+    ref = labelled(100, 90)
+    assert reference_score(None, ref, None, LABELS, "macro_f1") == (
+        pytest.approx(f1_score(ref["true_label"], ref["label"], average="macro")),
+        "reference sample",
+    )
+    assert reference_score(None, ref, 0.5, LABELS, "macro_f1") == (0.5, "given")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_metrics_on_codes_match_sklearn_over_the_classes_present(seed: int) -> None:
+    """ml.metrics scores a window over the classes its feedback holds, as sklearn does when
+    told those classes; a predicted label outside them counts against the true class."""
+    rng = np.random.default_rng(seed)
+    classes = ["a", "b", "c", "d"]
+    truth = rng.choice(classes[:3], 300).tolist()  # "d" never true...
+    pred = rng.choice(classes, 300).tolist()  # ...but sometimes predicted
+    present = sorted(set(truth))
+    assert score("macro_f1", truth, pred) == pytest.approx(
+        f1_score(truth, pred, labels=present, average="macro")
+    )
+    assert score("macro_recall", truth, pred) == pytest.approx(
+        recall_score(truth, pred, labels=present, average="macro")
+    )
+    assert score("accuracy", truth, pred) == pytest.approx(np.mean(np.equal(truth, pred)))
 
 
 # ------------------------------------------------------------------------ the whole report
@@ -349,13 +398,13 @@ def test_run_drift_on_the_prediction_log_writes_reports_mlflow_and_workspace(
         model=model,
         tokenizer=tok,
         reference=tiny_pools["reference"],
-        reference_macro_recall=0.7,
+        reference_score=0.7,
     )
     assert result.rows == 220 and result.feedback_rows == 150
     assert result.drift_detected and result.data_drift and result.quality_drop
     assert result.outcome == "data_drift+quality_drop"
     assert "text_descriptors" in result.drifted_signals and "quality" in result.drifted_signals
-    assert result.quality is not None and result.quality["macro_recall"] < 0.1
+    assert result.quality is not None and result.quality["score"] < 0.1
 
     out = result.to_dict()
     assert RESULT_KEYS <= set(out)
