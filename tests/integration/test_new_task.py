@@ -129,6 +129,9 @@ def test_a_task_in_configuration_runs_the_whole_loop(spam_task: Path) -> None:
 
         result = run_drift(start, until, log_to_mlflow=False, add_to_workspace=False)
         assert result.rows == 60 and result.model_version == "1"
+        # Its feedback is held to its own metric, macro-F1, against v1's val_macro_f1.
+        assert result.quality is not None and result.quality["metric"] == "macro_f1"
+        assert result.quality["reference_source"] == "v1 val_macro_f1", result.quality
         report_dir = Path(str(result.report_dir))
         assert report_dir.parent.name == "spam" and (report_dir / "review.html").is_file()
         assert "ham" in (report_dir / "review.html").read_text()
