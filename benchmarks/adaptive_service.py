@@ -75,7 +75,8 @@ class AdaptiveModel:
         path = os.environ.get("DRIFTLOOP_BENCH_MODEL_DIR")
         if not path:
             raise RuntimeError("set DRIFTLOOP_BENCH_MODEL_DIR to the model directory to serve")
-        self.threads = None if settings.serve_gpu else set_torch_threads(serving_threads())
+        threads = serving_threads(params.serve.threads)
+        self.threads = None if settings.serve_gpu else set_torch_threads(threads)
         self.model = load_for_serving(
             path,
             name="adaptive-bench",

@@ -269,7 +269,9 @@ def measure(
         for t in threads
     ]
     acc = accuracy(model_dir, model, tokenizer, texts, labels)
-    service_threads = serving_threads()
+    from ml.params import load_params
+
+    service_threads = serving_threads(load_params().serve.threads)
     at_service = next((c for c in ceilings if c["threads"] == service_threads), ceilings[0])
     results = {
         name: backend_choice.CandidateResult(

@@ -658,9 +658,11 @@ def main(argv: list[str] | None = None) -> int:
         result["model"] = choice.source
         print(f"model: {choice.source}; {len(texts)} val tweets; concurrency {args.concurrency}")
 
+        from ml.params import load_params
         from ml.serving.tuning import serving_threads
 
-        service_threads = serving_threads()  # what the service's model process runs with
+        # what the service's model process runs with
+        service_threads = serving_threads(load_params().serve.threads)
         result["backends"] = measure_backends(choice, args.quick, service_threads)
         result["ceiling"] = result["backends"]["ceiling"]
         print(

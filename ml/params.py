@@ -162,6 +162,8 @@ class ServeParams(_Section):
     # bf16, onnx-int8 (CPU) and fp16 (CUDA) to force it.
     backend: Literal["auto", "fp32", "bf16", "onnx-int8", "fp16"] = "auto"
     max_recall_drop: Annotated[float, Field(ge=0, le=1)] = 0.01
+    # Intra-op threads of the model process on CPU; 0: every core but one (ml.serving.tuning).
+    threads: Annotated[int, Field(ge=0)] = 0
     # Admission: texts waiting for or in inference at most; beyond it a request gets 503 and
     # Retry-After at once (a request alone is always admitted). And the time a request may wait
     # for its answer before it gets 503 (below BentoML's traffic timeout, so never a 504).

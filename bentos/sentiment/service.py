@@ -144,7 +144,7 @@ class SentimentService:
         self.serve = serve
         self.metrics = service_metrics()
         gpu = settings.serve_gpu
-        threads = None if gpu else serving_threads()
+        threads = None if gpu else serving_threads(serve.threads)
         # Inference runs in a child process: in this one it would fight the HTTP loop for the GIL.
         # One for every task: its batcher mixes no two versions in a batch, and the CPU is shared.
         self.models = ModelProcess(

@@ -154,3 +154,23 @@ def test_redis_limiter_is_shared_and_falls_back_when_redis_is_gone(redis_url: st
     assert allowed == [True, True, True, True, False]  # both count against one budget
     down = RedisRateLimiter(dead_redis_url(), 2, retry_seconds=60)
     assert [down.hit("k").allowed for _ in range(3)] == [True, True, False]
+
+
+def test_serve_threads_setting_overrides_every_core_but_one(tmp_path) -> None:
+    import os
+
+    import yaml
+
+    from ml.params import load_params
+    from ml.serving.tuning import serving_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert serving_threads() == max(1, cores - 1)
+    assert serving_threads(0) == serving_threads()
+    assert serving_threads(3) == 3
+    default = yaml.safe_load(open("params.yaml"))
+    assert load_params().serve.threads == default["serve"].get("threads", 0)
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump({**default, "serve": {**default["serve"], "threads": -1}}))
+    with pytest.raises(ValueError, match="threads"):
+        load_params(bad)
